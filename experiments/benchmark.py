@@ -1,0 +1,25 @@
+"""Benchmarks: `python -m experiments.benchmark NAME [options]`; each prints a table and writes JSON.
+
+Names: attention (kernels.attention), scan (kernels.linear_scan / decay_scan).
+`python -m experiments.benchmark NAME --help` lists a benchmark's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "attention": "experiments.benchmarks.attention",
+    "scan": "experiments.benchmarks.scan",
+}
+
+
+def main(argv: list[str]) -> None:
+  if not argv or argv[0] not in BENCHMARKS:
+    sys.exit(f"usage: python -m experiments.benchmark {{{'|'.join(BENCHMARKS)}}} [options]")
+  importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

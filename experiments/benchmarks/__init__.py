@@ -1,0 +1,1 @@
+"""Benchmarks run by `python -m experiments.benchmark NAME`; each module has `main(argv) -> dict`."""

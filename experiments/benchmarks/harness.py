@@ -1,0 +1,91 @@
+"""Shared benchmark utilities: timing, compiled-memory analysis, tables and JSON.
+
+Times are wall-clock medians of `block_until_ready` calls after a warm-up (compilation excluded).
+Peak memory comes from the compiled program's memory analysis, so programs too large to run here can
+still be measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, max_seconds: float = 30.0) -> float:
+  """Median wall time in seconds of `fn(*args)` (fn should be jitted); stops early after max_seconds."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  start = time.perf_counter()
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > max_seconds:
+      break
+  return statistics.median(times)
+
+
+def compiled_memory_bytes(fn: Callable, *args) -> dict[str, int]:
+  """Memory of the compiled `jax.jit(fn)` for these argument shapes, without running it.
+
+  `args` may be arrays or `jax.ShapeDtypeStruct`s. Returns temp, argument, output and peak estimate
+  (temp + argument + output - alias) in bytes.
+  """
+  compiled = jax.jit(fn).lower(*args).compile()
+  m = compiled.memory_analysis()
+  temp = int(getattr(m, "temp_size_in_bytes", 0))
+  arg = int(getattr(m, "argument_size_in_bytes", 0))
+  out = int(getattr(m, "output_size_in_bytes", 0))
+  alias = int(getattr(m, "alias_size_in_bytes", 0))
+  return {"temp": temp, "argument": arg, "output": out, "peak": temp + arg + out - alias}
+
+
+def matmul_gflops(n: int = 1024, dtype=jnp.float32) -> float:
+  """This machine's measured float32 matmul throughput (GFLOP/s) for an n x n x n product."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  t = time_fn(f, a, warmup=2, iters=5)
+  return 2 * n**3 / t / 1e9
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """A plain-text table of `rows` (dicts) with the given columns; floats get 4 significant digits."""
+
+  def fmt(x):
+    if isinstance(x, float):
+      return f"{x:.4g}"
+    return "-" if x is None else str(x)
+
+  cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+  lines.append("  ".join("-" * w for w in widths))
+  lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+  return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers were measured on."""
+  return {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "cpu_count": os.cpu_count(),
+      "platform": platform.platform(),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"environment": environment(), **payload}, f, indent=2)
+  print(f"wrote {path}")

@@ -1,0 +1,117 @@
+"""`attention`: blockwise softmax attention with prefix keys, offsets, windows, lengths and segments.
+
+One op, several implementations (see `kernels.dispatch`): "reference" (materialized, the ground truth),
+"xla" (blockwise online softmax, the CPU path and the fallback), "pallas" / "pallas_interpret" (kernels).
+Layout is `[batch, seq, heads, head_dim]`, as in `jax.nn.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.attention_reference import attention_reference
+from kernels.dispatch import resolve_impl
+
+
+def _check_inputs(q, k, v, num_prefix, window, segment_ids, kv_lengths):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"attention: {name} must be [batch, seq, heads, head_dim], got shape {x.shape}.")
+  if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"attention: batch/seq/heads of q {q.shape}, k {k.shape}, v {v.shape} do not match.")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"attention: q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}.")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"attention: q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}) for GQA.")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"attention: {name} must be floating point, got {x.dtype}.")
+  if not 0 <= num_prefix <= k.shape[1]:
+    raise ValueError(f"attention: num_prefix={num_prefix} must be in [0, {k.shape[1]}] (the number of keys).")
+  if window is not None and window < 1:
+    raise ValueError(f"attention: window must be a positive int or None, got {window}.")
+  if kv_lengths is not None and jnp.shape(kv_lengths) != (q.shape[0],):
+    raise ValueError(f"attention: kv_lengths must be [batch]={q.shape[0]}, got {jnp.shape(kv_lengths)}.")
+
+
+def _split_segment_ids(segment_ids, q, k, num_prefix):
+  if segment_ids is None:
+    return None, None
+  if isinstance(segment_ids, (tuple, list)):
+    q_seg, kv_seg = segment_ids
+  else:
+    q_seg = kv_seg = segment_ids
+  if q_seg.shape != q.shape[:2] or kv_seg.shape != (k.shape[0], k.shape[1] - num_prefix):
+    raise ValueError(
+        "attention: segment_ids must be [batch, q_len] (when q and the non-prefix keys have the same length) "
+        f"or a pair ([batch, q_len], [batch, k_len - num_prefix]); got {q_seg.shape} and {kv_seg.shape} for "
+        f"q {q.shape[:2]}, k {k.shape[:2]}, num_prefix {num_prefix}."
+    )
+  return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    num_prefix: int = 0,
+    q_offset=0,
+    k_offset=0,
+    kv_lengths: jax.Array | None = None,
+    segment_ids=None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+):
+  """Softmax attention.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k: `[batch, k_len, kv_heads, head_dim]`; heads must be a multiple of kv_heads (GQA).
+    v: `[batch, k_len, kv_heads, v_dim]`.
+    causal: key visible only if its position <= the query's position.
+    window: if set, key visible only if `qpos - kpos < window`.
+    num_prefix: the first `num_prefix` keys are visible to every query (persistent memory tokens).
+    q_offset, k_offset: positions of query 0 and of the first non-prefix key (ints or `[batch]`).
+    kv_lengths: `[batch]`; keys at index >= kv_lengths[b] are masked (a KV cache's unused slots).
+    segment_ids: `[batch, q_len]` int, or a pair (q ids, non-prefix k ids); no attention across segments.
+    scale: defaults to `head_dim ** -0.5`.
+    return_lse: also return the float32 log-sum-exp `[batch, q_len, heads]` (-inf where nothing is visible).
+    impl: one of `kernels.dispatch.IMPLS`.
+
+  Returns:
+    `o` `[batch, q_len, heads, v_dim]` in q's dtype, or `(o, lse)` if return_lse.
+  """
+  _check_inputs(q, k, v, num_prefix, window, segment_ids, kv_lengths)
+  q_seg, kv_seg = _split_segment_ids(segment_ids, q, k, num_prefix)
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  impl = resolve_impl(impl, "attention")
+  kwargs = dict(
+      causal=causal, window=window, num_prefix=num_prefix, q_offset=q_offset, k_offset=k_offset,
+      kv_lengths=kv_lengths, q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale,
+  )
+  if impl == "reference":
+    o, lse = attention_reference(q, k, v, **kwargs)
+  else:
+    raise NotImplementedError(f"attention impl={impl!r} is not implemented yet (issue: kernels/attention).")
+  return (o, lse) if return_lse else o
+
+
+def merge_attention(a, b):
+  """Combines two attentions `(o, lse)` over disjoint key sets into the attention over their union.
+
+  Exact: o = (exp(lse1) o1 + exp(lse2) o2) / (exp(lse1) + exp(lse2)), computed stably. A side whose
+  lse is -inf (no visible key) contributes nothing. Returns `(o, lse)`, o in o1's dtype.
+  """
+  (o1, lse1), (o2, lse2) = a, b
+  lse = jnp.logaddexp(lse1, lse2)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - lse_safe), 0.0)[..., None]
+  w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - lse_safe), 0.0)[..., None]
+  o = w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)
+  return o.astype(o1.dtype), lse
