@@ -1,0 +1,198 @@
+"""The chunked `linear_scan` in pure JAX (the CPU fast path and the fallback of the Pallas kernels).
+
+Split the sequence into chunks of C tokens. Inside a chunk with start state S_0 (`[K, V]` per batch and head),
+write G_t = sum_{m<=t} g_m (the cumulative log decay inside the chunk), gamma_t = exp(G_t) and
+D[t, i] = exp(G_t - G_i) for i <= t (0 above the diagonal). Differences of cumulative sums inside one chunk
+are sums of g over (i, t], so for g <= 0 every exponent is <= 0: strong decay underflows to 0, never overflows.
+
+Hebbian write (beta=None): S_t = gamma_t S_0 + sum_{i<=t} D[t, i] k_i v_i^T.
+
+Delta rule: S_t = exp(g_t) S_{t-1} + k_t u_t^T with u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t), i.e. a
+Hebbian write of the "new values" u. Substituting S_{t-1} gives (I + A) U = diag(beta) V - diag(beta gamma) K S_0
+with A[t, i] = beta_t D[t, i] (k_t . k_i) for i < t: strictly lower triangular, so I + A is unit lower
+triangular and one triangular solve per chunk gives the WY/UT form (as in flash-linear-attention)
+
+    w = (I + A)^{-1} diag(beta gamma) K,   u = (I + A)^{-1} diag(beta) V,   U = u - w S_0.
+
+Everything then is affine in the chunk's start state:
+
+    o     = Qeff S_0 + Ointra,   Qeff = scale (diag(gamma) Q - (QK^T * D) w),   Ointra = scale (QK^T * D) u
+    S_C   = P S_0 + B,           P = gamma_C I - Kdec^T w,                     B = Kdec^T u
+
+with Kdec = diag(exp(G_C - G)) K (for beta=None: w = 0, u = V, so P is the scalar gamma_C). `prep` computes
+(Qeff, Ointra, P, B) for all chunks at once (parallel, no state); the only sequential work is the state pass
+S_{n+1} = P_n S_n + B_n. The custom VJP keeps only the inputs and the chunk-start states S_n; its backward
+recomputes `prep` under `jax.vjp`, runs the reverse pass lambda_n = Qeff_n^T dO_n + P_n^T lambda_{n+1}
+(lambda = dLoss/dS_n) and pulls (dQeff, dOintra, dP, dB) = (dO_n S_n^T, dO_n, lambda_{n+1} S_n^T, lambda_{n+1})
+back through `prep`. No state per token is ever stored.
+
+A sequence length that is not a multiple of C is padded with k = q = v = 0, g = 0, beta = 0: those tokens
+leave the state unchanged (exp(0) = 1, zero write), so padding is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+_HI = jax.lax.Precision.HIGHEST
+
+
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+  """`[b, t, h, ...]` -> float32 `[b, h, n, C, ...]`, zero-padded to n * C tokens."""
+  b, t, h = x.shape[:3]
+  n = -(-t // chunk_size)
+  pad = n * chunk_size - t
+  x = x.astype(_F32)
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape((b, n, chunk_size, h) + x.shape[3:])
+  return jnp.moveaxis(x, 3, 1)
+
+
+def from_chunks(x: jax.Array, t: int) -> jax.Array:
+  """float32 `[b, h, n, C, d]` -> `[b, t, h, d]` (drops the padding)."""
+  b, h, n, c, d = x.shape
+  return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, d)[:, :t]
+
+
+def prep(q, k, v, g, beta, scale: float, delta: bool):
+  """Per-chunk quantities of the affine chunk map (parallel over all chunks; no state involved).
+
+  Args:
+    q, k: float32 `[b, h, n, C, K]`; v: `[b, h, n, C, V]`; g, beta: `[b, h, n, C]` (beta ignored if not delta).
+
+  Returns:
+    (Qeff `[b, h, n, C, K]`, Ointra `[b, h, n, C, V]`, P, B `[b, h, n, K, V]`) with P `[b, h, n, K, K]` for
+    the delta rule and the scalar gamma_C `[b, h, n]` otherwise; o = Qeff S + Ointra, S' = P S + B.
+  """
+  c = q.shape[-2]
+  cum = jnp.cumsum(g, axis=-1)  # G_t, inside the chunk only
+  gamma = jnp.exp(cum)
+  gamma_c = gamma[..., -1]
+  diff = cum[..., :, None] - cum[..., None, :]  # G_t - G_i
+  row = jnp.arange(c)[:, None]
+  col = jnp.arange(c)[None, :]
+  # Mask before exp: above the diagonal G_t - G_i is a large positive for strong decay, and exp of it would
+  # be inf (and 0 * inf = nan in the gradient).
+  decay = jnp.exp(jnp.where(row >= col, diff, -jnp.inf))
+  kdec = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+  qk = jnp.einsum("...tk,...ik->...ti", q, k, precision=_HI) * decay
+  if delta:
+    kk = jnp.einsum("...tk,...ik->...ti", k, k, precision=_HI)
+    a = beta[..., :, None] * jnp.exp(jnp.where(row > col, diff, -jnp.inf)) * kk
+    rhs = jnp.concatenate([(beta * gamma)[..., None] * k, beta[..., None] * v], axis=-1)
+    wu = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1]:]
+    qeff = scale * (gamma[..., None] * q - jnp.einsum("...ti,...ik->...tk", qk, w, precision=_HI))
+    ointra = scale * jnp.einsum("...ti,...iv->...tv", qk, u, precision=_HI)
+    eye = jnp.eye(k.shape[-1], dtype=_F32)
+    p = gamma_c[..., None, None] * eye - jnp.einsum("...ck,...cj->...kj", kdec, w, precision=_HI)
+    bmat = jnp.einsum("...ck,...cv->...kv", kdec, u, precision=_HI)
+  else:
+    qeff = scale * gamma[..., None] * q
+    ointra = scale * jnp.einsum("...ti,...iv->...tv", qk, v, precision=_HI)
+    p = gamma_c
+    bmat = jnp.einsum("...ck,...cv->...kv", kdec, v, precision=_HI)
+  return qeff, ointra, p, bmat
+
+
+def apply_p(p: jax.Array, s: jax.Array) -> jax.Array:
+  """P S for P a matrix `[..., K, K]` or a scalar `[...]`; s `[..., K, V]`."""
+  if p.ndim == s.ndim:
+    return jnp.einsum("...kj,...jv->...kv", p, s, precision=_HI)
+  return p[..., None, None] * s
+
+
+def apply_pt(p: jax.Array, s: jax.Array) -> jax.Array:
+  """P^T S."""
+  if p.ndim == s.ndim:
+    return jnp.einsum("...jk,...jv->...kv", p, s, precision=_HI)
+  return p[..., None, None] * s
+
+
+def xla_forward_pass(qeff, ointra, p, bmat, s0):
+  """State pass. Returns (o `[b,h,n,C,V]`, chunk-start states `[b,h,n,K,V]`, final state `[b,h,K,V]`)."""
+
+  def body(s, xs):
+    p_n, b_n = xs
+    return apply_p(p_n, s) + b_n, s
+
+  final, starts = jax.lax.scan(body, s0, (jnp.moveaxis(p, 2, 0), jnp.moveaxis(bmat, 2, 0)))
+  starts = jnp.moveaxis(starts, 0, 2)
+  o = jnp.einsum("...ck,...kv->...cv", qeff, starts, precision=_HI) + ointra
+  return o, starts, final
+
+
+def xla_backward_pass(qeff, do, p, d_final):
+  """Reverse pass lambda_n = Qeff_n^T dO_n + P_n^T lambda_{n+1}, lambda_N = d_final.
+
+  Returns (lambda_{n+1} for every chunk n `[b,h,n,K,V]`, lambda_0 = dLoss/dS_0 `[b,h,K,V]`).
+  """
+  local = jnp.einsum("...ck,...cv->...kv", qeff, do, precision=_HI)
+
+  def body(lam, xs):
+    p_n, l_n = xs
+    return l_n + apply_pt(p_n, lam), lam
+
+  d_s0, lam_next = jax.lax.scan(
+      body, d_final, (jnp.moveaxis(p, 2, 0), jnp.moveaxis(local, 2, 0)), reverse=True)
+  return jnp.moveaxis(lam_next, 0, 2), d_s0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def chunked_scan(q, k, v, g, beta, s0, scale: float, delta: bool, fwd_pass: Callable, bwd_pass: Callable):
+  """Chunked scan on chunked float32 inputs (see `prep`); returns (o `[b,h,n,C,V]`, final `[b,h,K,V]`).
+
+  fwd_pass / bwd_pass run the sequential state passes (XLA here, Pallas kernels in linear_scan_pallas).
+  """
+  o, _, final = fwd_pass(*prep(q, k, v, g, beta, scale, delta), s0)
+  return o, final
+
+
+def _chunked_scan_fwd(q, k, v, g, beta, s0, scale, delta, fwd_pass, bwd_pass):
+  o, starts, final = fwd_pass(*prep(q, k, v, g, beta, scale, delta), s0)
+  # Residuals: the inputs and one state per chunk (not per token).
+  return (o, final), (q, k, v, g, beta, starts)
+
+
+def _chunked_scan_bwd(scale, delta, fwd_pass, bwd_pass, res, cts):
+  q, k, v, g, beta, starts = res
+  do, d_final = cts
+  (qeff, _, p, _), prep_vjp = jax.vjp(lambda *a: prep(*a, scale, delta), q, k, v, g, beta)
+  lam_next, d_s0 = bwd_pass(qeff, do, p, d_final)
+  d_qeff = jnp.einsum("...cv,...kv->...ck", do, starts, precision=_HI)
+  if p.ndim == starts.ndim:
+    d_p = jnp.einsum("...kv,...jv->...kj", lam_next, starts, precision=_HI)
+  else:
+    d_p = jnp.sum(lam_next * starts, axis=(-2, -1))
+  dq, dk, dv, dg, dbeta = prep_vjp((d_qeff, do, d_p, lam_next))
+  return dq, dk, dv, dg, dbeta, d_s0
+
+
+chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
+
+
+def run_chunked(q, k, v, g, beta, initial_state, scale: float, chunk_size: int,
+                fwd_pass: Callable = xla_forward_pass, bwd_pass: Callable = xla_backward_pass):
+  """`[b, t, h, d]` inputs -> (o `[b, t, h, V]` in q's dtype, final state float32), via `chunked_scan`."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  delta = beta is not None
+  qc, kc, vc = (to_chunks(x, chunk_size) for x in (q, k, v))
+  zeros = jnp.zeros((b, t, h), _F32)
+  gc = to_chunks(zeros if g is None else g, chunk_size)
+  # Without the delta rule beta is unused: a zero placeholder keeps one custom_vjp signature.
+  bc = to_chunks(zeros if beta is None else beta, chunk_size)
+  s0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
+  o, final = chunked_scan(qc, kc, vc, gc, bc, s0, scale, delta, fwd_pass, bwd_pass)
+  return from_chunks(o, t).astype(q.dtype), final
+
+
+def linear_scan_xla(q, k, v, g, beta, initial_state, scale: float, chunk_size: int):
+  """The chunked scan with XLA state passes. Shapes as `kernels.linear_scan`."""
+  return run_chunked(q, k, v, g, beta, initial_state, scale, chunk_size)
