@@ -10,8 +10,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import functools
+
+import numpy as np
+
+from kernels import attention_common as common
 from kernels.attention_reference import attention_reference
-from kernels.dispatch import resolve_impl
+from kernels.attention_xla import xla_backward, xla_forward
+from kernels.dispatch import resolve_impl, warn_fallback
+
+# Block sizes of the xla path on CPU, tuned with `python -m experiments.benchmark attention` (2-core CPU):
+# large enough that each step is a sizeable matmul, small enough that causal/window skipping pays off.
+XLA_BLOCK_Q = 512
+XLA_BLOCK_K = 512
 
 
 def _check_inputs(q, k, v, num_prefix, window, segment_ids, kv_lengths):
@@ -98,8 +109,96 @@ def attention(
   if impl == "reference":
     o, lse = attention_reference(q, k, v, **kwargs)
   else:
-    raise NotImplementedError(f"attention impl={impl!r} is not implemented yet (issue: kernels/attention).")
+    o, lse = attention_blockwise(q, k, v, impl=impl, **kwargs)
   return (o, lse) if return_lse else o
+
+
+def _pallas_variant(impl: str) -> str:
+  """"pallas" -> the kernel for the default backend; "pallas_interpret" -> the TPU-style kernel, interpreted."""
+  if impl == "pallas_interpret":
+    return "pallas_tpu_interpret"
+  if impl == "pallas":
+    backend = jax.default_backend()
+    if backend == "tpu":
+      return "pallas_tpu"
+    if backend in ("gpu", "cuda", "rocm"):
+      return "pallas_triton"
+    return "pallas_tpu"  # only reachable by asking for pallas on CPU explicitly: lowering will say so
+  return impl
+
+
+def attention_blockwise(
+    q, k, v, *, impl, causal, window, num_prefix, q_offset, k_offset, kv_lengths, q_segment_ids,
+    kv_segment_ids, scale, block_q: int | None = None, block_k: int | None = None,
+):
+  """The blockwise implementations (impl "xla", "pallas", "pallas_interpret", or a kernel variant
+  "pallas_tpu", "pallas_triton" with an optional "_interpret"). Inputs as validated by `attention`;
+  returns (o `[b, tq, h, dv]` in q's dtype, lse `[b, tq, h]` float32). Block sizes default per impl.
+  """
+  impl = _pallas_variant(impl)
+  if impl != "xla":
+    from kernels import attention_pallas  # imported lazily: only the Pallas paths need it
+
+    reason = attention_pallas.unsupported(impl, q, k, v, block_q, block_k)
+    if reason is not None:
+      warn_fallback("attention", reason)
+      impl, block_q, block_k = "xla", None, None
+    else:
+      bq, bk = attention_pallas.default_blocks(impl, q.shape[1], k.shape[1] - num_prefix, q.shape[-1])
+      block_q, block_k = block_q or bq, block_k or bk
+  if impl == "xla":
+    tk_rest = max(k.shape[1] - num_prefix, num_prefix, 1)
+    block_q = block_q or min(XLA_BLOCK_Q, common.round_up(q.shape[1], 8))
+    block_k = block_k or min(XLA_BLOCK_K, common.round_up(tk_rest, 8))
+  geo = common.Geometry(
+      batch=q.shape[0], tq=q.shape[1], tk=k.shape[1], heads=q.shape[2], kv_heads=k.shape[2],
+      head_dim=q.shape[3], v_dim=v.shape[3], causal=bool(causal), window=None if window is None else int(window),
+      num_prefix=int(num_prefix), scale=float(scale), block_q=int(block_q), block_k=int(block_k),
+      has_segments=q_segment_ids is not None, impl=impl, dtype=jnp.dtype(q.dtype).name,
+  )
+  ints = common.make_ints(geo, q_offset, k_offset, kv_lengths, q_segment_ids, kv_segment_ids)
+  qt, kt, vt = common.to_blocked_layout(geo, q, k, v)
+  ot, lse = _blockwise_core(geo, qt, kt, vt, ints)
+  return common.from_blocked_q(geo, ot), lse[:, :, : geo.tq].transpose(0, 2, 1)
+
+
+def _forward_impl(geo):
+  if geo.impl == "xla":
+    return xla_forward
+  from kernels import attention_pallas
+
+  return attention_pallas.pallas_forward
+
+
+def _backward_impl(geo):
+  if geo.impl == "xla":
+    return xla_backward
+  from kernels import attention_pallas
+
+  return attention_pallas.pallas_backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise_core(geo, qt, kt, vt, ints):
+  """(o, lse) in the blocked layout; differentiable in q, k, v through both o and lse."""
+  return _forward_impl(geo)(geo, qt, kt, vt, ints)
+
+
+def _blockwise_core_fwd(geo, qt, kt, vt, ints):
+  o, lse = _forward_impl(geo)(geo, qt, kt, vt, ints)
+  return (o, lse), (qt, kt, vt, o, lse, ints)
+
+
+def _blockwise_core_bwd(geo, res, cts):
+  qt, kt, vt, o, lse, ints = res
+  do, dlse = cts
+  dq, dk, dv = _backward_impl(geo)(geo, qt, kt, vt, o, lse, do, dlse, ints)
+  # The integer inputs (offsets, lengths, segment ids) have no gradient.
+  dints = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), ints)
+  return dq, dk, dv, dints
+
+
+_blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
 
 
 def merge_attention(a, b):
