@@ -1,0 +1,45 @@
+"""Sections shared by every config: data, optim, train, mesh, eval.
+
+Each model family's config (`configs/<family>.py`) builds on these and fills in `model`. Every knob is
+documented where it is set. `get_config` functions return a locked ConfigDict: overriding a key that
+does not exist, or with a value of the wrong type, is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def mqar_data(
+    *,
+    vocab_size: int = 8192,
+    settings: tuple[tuple[int, int], ...] = ((64, 4),),
+    eval_settings: tuple[tuple[int, int], ...] | None = None,
+    num_train_examples: int = 100_000,
+    num_eval_examples: int = 1_000,
+) -> ml_collections.ConfigDict:
+  """Multi-query associative recall (Zoology) as the data section."""
+  c = ml_collections.ConfigDict()
+  c.name = "mqar"  # "mqar" | "text" | "tfds:<name>"
+  # Training length: every batch is [batch, seq_len]; shorter mixture settings are padded (loss-masked).
+  c.seq_len = max(s for s, _ in settings)
+  c.vocab_size = vocab_size  # MQAR's own vocabulary; keys from [1, V/2), values from [V/2, V); 0 pads.
+  c.mqar = ml_collections.ConfigDict()
+  c.mqar.settings = tuple(tuple(s) for s in settings)  # training mixture of (seq_len, num_kv_pairs)
+  c.mqar.eval_settings = tuple(tuple(s) for s in (eval_settings or settings))
+  c.mqar.num_train_examples = num_train_examples  # examples per setting in the TFDS train split
+  c.mqar.num_eval_examples = num_eval_examples  # examples per eval setting
+  c.mqar.power_a = 0.01  # power-law exponent of query positions (Zoology's default)
+  c.mqar.use_tfds = True  # build/read the TFDS array_record builder (False: generate in memory)
+  # Text (`name="text"`): a glob of local files, one document per file, byte tokenizer.
+  c.files = ""
+  c.val_fraction = 0.05  # the last fraction of the token stream is the validation split
+  c.text_key = "text"  # feature holding the text in a TFDS dataset (`name="tfds:<name>"`)
+  c.tfds_data_dir = ""  # where TFDS builds/reads; "" -> ~/.cache/memarch/tfds (or $MEMARCH_TFDS_DIR)
+  c.num_workers = 0  # grain worker processes (0: in the main process)
+  # Threads that read and assemble training batches in the background, and how many finished batches
+  # they keep ahead of the loop. Small by default: on a 2-core laptop the model needs the cores.
+  c.read_threads = 2
+  c.prefetch_batches = 4
+  c.seed = 0  # data order and MQAR generation
+  return c
