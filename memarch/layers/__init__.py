@@ -1,0 +1,1 @@
+"""Flax Linen modules: projections, gates and norms around memarch.memory and kernels."""

@@ -1,0 +1,31 @@
+r"""Trains and evaluates a model from an ml-collections config.
+
+  python -m experiments.run --config configs/transformer.py:size=tiny --workdir runs/tiny
+  python -m experiments.run --config configs/transformer.py:size=tiny --workdir runs/tiny --config.train.steps=200
+
+Re-running with the same --workdir resumes from its latest checkpoint. Metrics go to
+<workdir>/metrics.jsonl and <workdir>/tensorboard; the resolved config to <workdir>/config.json.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with :arg.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from memarch.train import train_and_evaluate  # noqa: PLC0415 - keep --help fast
+
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = "  ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
+  print(f"final eval @ step {result.step}: {summary}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

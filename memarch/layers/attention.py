@@ -1,0 +1,85 @@
+"""Transformer++ self-attention: RoPE, grouped-query attention, no biases, through `kernels.attention`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import kernels
+from memarch.layers.common import apply_rope, dtype_from_name, param_with_axes
+
+_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _out_init(num_layers: int):
+  # Residual-branch output projections are scaled down with depth (GPT-2 / Llama style) so the
+  # residual stream's variance does not grow with the number of blocks.
+  return nn.initializers.variance_scaling(1.0 / max(1, 2 * num_layers), "fan_in", "truncated_normal")
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with RoPE and GQA.
+
+  Config keys (model section): embed_dim, num_heads, num_kv_heads, head_dim (0: embed_dim // num_heads),
+  rope_base, window (0: full causal attention, w > 0: sliding window of w keys), attention_impl,
+  compute_dtype, num_layers.
+
+  Call: x `[batch, seq, embed]`, positions `[batch, seq]` (RoPE), segment_ids `[batch, seq]` or None.
+  With `cache` (`{"k", "v"}`: `[batch, max_len, kv_heads, head_dim]`) and `cache_index` (tokens already
+  in the cache), the new keys/values are written at cache_index and the queries attend over the cache.
+  Returns `(y [batch, seq, embed], new_cache)`.
+  """
+
+  config: Any
+
+  def _dims(self):
+    c = self.config
+    head_dim = c.head_dim or c.embed_dim // c.num_heads
+    kv_heads = c.num_kv_heads or c.num_heads
+    return c.num_heads, kv_heads, head_dim
+
+  @nn.compact
+  def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_index=None):
+    c = self.config
+    dtype = dtype_from_name(c.compute_dtype)
+    heads, kv_heads, head_dim = self._dims()
+    e = x.shape[-1]
+    wq = param_with_axes(self, "wq", _init, (e, heads, head_dim), ("embed", "heads", "kv"))
+    wk = param_with_axes(self, "wk", _init, (e, kv_heads, head_dim), ("embed", "heads", "kv"))
+    wv = param_with_axes(self, "wv", _init, (e, kv_heads, head_dim), ("embed", "heads", "kv"))
+    wo = param_with_axes(
+        self, "wo", lambda k, s, d: _out_init(c.num_layers)(k, (heads * head_dim, e), d).reshape(s),
+        (heads, head_dim, e), ("heads", "kv", "embed"),
+    )
+    x = x.astype(dtype)
+    q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dtype))
+    k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dtype))
+    v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dtype))
+    q = apply_rope(q, positions, c.rope_base)
+    k = apply_rope(k, positions, c.rope_base)
+    window = c.window or None
+    if cache is None:
+      o = kernels.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids, impl=c.attention_impl)
+      new_cache = None
+    else:
+      t = x.shape[1]
+      ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+      lengths = jnp.full((x.shape[0],), cache_index + t, jnp.int32)
+      o = kernels.attention(
+          q, ck.astype(dtype), cv.astype(dtype), causal=True, window=window, q_offset=cache_index,
+          kv_lengths=lengths, impl=c.attention_impl,
+      )
+      new_cache = {"k": ck, "v": cv}
+    y = jnp.einsum("bthd,hde->bte", o, wo.astype(dtype))
+    return y, new_cache
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """Zeros `{"k", "v"}` of shape `[batch, max_len, kv_heads, head_dim]` in the compute dtype."""
+    _, kv_heads, head_dim = self._dims()
+    dtype = dtype_from_name(self.config.compute_dtype)
+    shape = (batch, max_len, kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

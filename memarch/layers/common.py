@@ -1,0 +1,69 @@
+"""Small building blocks shared by every model: RMSNorm, rotary embeddings, logically partitioned params.
+
+Parameters are float32 and carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`); the config's
+`mesh.rules` map them onto mesh axes. Activations at block boundaries are named `act_batch`, `act_length`,
+`act_embed` (separate names, so that parameter and activation shardings can differ, as in MaxText).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+def dtype_from_name(name: str) -> jnp.dtype:
+  """'float32' | 'bfloat16' | 'float16' -> jnp dtype, with a clear error otherwise."""
+  table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if name not in table:
+    raise ValueError(f"compute_dtype must be one of {sorted(table)}, got {name!r}.")
+  return table[name]
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None]):
+  """A float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None] = ACT) -> jax.Array:
+  """Logical sharding constraint on an activation (a no-op without a mesh and rules in context)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis: x / rms(x) * scale, statistics in float32. x: [..., dim]."""
+
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (half-split convention, as in Llama / Transformer++).
+
+  Args:
+    x: `[batch, seq, heads, head_dim]` (head_dim even).
+    positions: `[batch, seq]` integer positions.
+  Returns:
+    x rotated, same shape and dtype. Angles are computed in float32.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {d}.")
+  inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

@@ -1,0 +1,38 @@
+"""SwiGLU feed-forward block (Transformer++ / Llama): down(silu(x W_gate) * (x W_up))."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memarch.layers.attention import _init, _out_init
+from memarch.layers.common import dtype_from_name, param_with_axes
+
+
+class SwiGLU(nn.Module):
+  """Config keys: mlp_dim, compute_dtype, num_layers. x `[batch, seq, embed]` -> `([batch, seq, embed], None)`.
+
+  Takes (and ignores) the same keyword arguments as the sequence mixers, so a stack treats every block alike.
+  """
+
+  config: Any
+
+  @nn.compact
+  def __call__(self, x, *, positions=None, segment_ids=None, cache=None, cache_index=None):
+    c = self.config
+    dtype = dtype_from_name(c.compute_dtype)
+    e = x.shape[-1]
+    w_gate = param_with_axes(self, "w_gate", _init, (e, c.mlp_dim), ("embed", "mlp"))
+    w_up = param_with_axes(self, "w_up", _init, (e, c.mlp_dim), ("embed", "mlp"))
+    w_down = param_with_axes(self, "w_down", _out_init(c.num_layers), (c.mlp_dim, e), ("mlp", "embed"))
+    x = x.astype(dtype)
+    h = jax.nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
+    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+    return h @ w_down.astype(dtype), cache
+
+  def init_cache(self, batch: int, max_len: int):
+    """A feed-forward block keeps no state."""
+    return None

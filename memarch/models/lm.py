@@ -1,0 +1,161 @@
+"""A decoder language model assembled from the block types named in the config.
+
+    tokens -> embedding -> [x = x + block(RMSNorm(x)) for block in stack] -> RMSNorm -> head -> logits
+
+The stack is `config.model.layer_blocks` repeated `config.model.num_layers` times, so
+`layer_blocks=("attention", "mlp")` is Transformer++ and hybrids mix recurrent and attention blocks.
+Every model in memarch offers this interface (DESIGN.md, "memarch.layers and memarch.models").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memarch.layers.blocks import get_block
+from memarch.layers.common import ACT, RMSNorm, constrain, dtype_from_name
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+  """Raises ValueError if concrete token ids fall outside [0, vocab_size) (no-op under tracing)."""
+  if tokens is None or not _is_concrete(tokens):
+    return
+  lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f"token ids must be in [0, {vocab_size}) (the model's vocab_size); got min {lo}, max {hi}.")
+
+
+class DecoderLM(nn.Module):
+  """Decoder LM. `config` is the (frozen) model section with vocab_size resolved.
+
+  Shapes: tokens `[batch, seq]` int32 -> logits `[batch, seq, vocab]` float32.
+  """
+
+  config: Any
+
+  def setup(self):
+    c = self.config
+    self.block_names = tuple(c.layer_blocks) * c.num_layers
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (c.vocab_size, c.embed_dim), jnp.float32,
+    )
+    self.blocks = [get_block(n)(c, name=f"block_{i}_{n}") for i, n in enumerate(self.block_names)]
+    self.norms = [RMSNorm(c.norm_eps, name=f"norm_{i}") for i in range(len(self.block_names))]
+    self.final_norm = RMSNorm(c.norm_eps, name="final_norm")
+    if not c.tie_embeddings:
+      self.head = self.param(
+          "head", nn.with_logical_partitioning(nn.initializers.normal(c.embed_dim**-0.5), ("embed", "vocab")),
+          (c.embed_dim, c.vocab_size), jnp.float32,
+      )
+
+  def _embed(self, tokens, inputs_embeds):
+    dtype = dtype_from_name(self.config.compute_dtype)
+    if inputs_embeds is not None:
+      if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.embed_dim:
+        raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.embed_dim}], got {inputs_embeds.shape}.")
+      return inputs_embeds.astype(dtype)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}.")
+    check_token_ids(tokens, self.config.vocab_size)
+    return jnp.take(self.embedding, tokens, axis=0).astype(dtype)
+
+  def _stack(self, x, *, positions, segment_ids, caches=None, cache_index=None):
+    """Runs the blocks. Returns (h_final_normed, ffn_input_of_last_mlp, new_caches)."""
+    new_caches = []
+    ffn_input = None
+    for i, (name, block, norm) in enumerate(zip(self.block_names, self.blocks, self.norms)):
+      h = norm(x)
+      if name == "mlp":
+        ffn_input = h
+      y, cache = block(
+          h, positions=positions, segment_ids=segment_ids,
+          cache=None if caches is None else caches[i], cache_index=cache_index,
+      )
+      x = constrain(x + y.astype(x.dtype), ACT)
+      new_caches.append(cache)
+    return self.final_norm(x), ffn_input, new_caches
+
+  def _logits(self, h):
+    w = self.embedding.T if self.config.tie_embeddings else self.head
+    # Logits in float32: the softmax over a large vocabulary is where low precision hurts most.
+    return jnp.einsum("bte,ev->btv", h.astype(jnp.float32), w)
+
+  def __call__(self, tokens, *, inputs_embeds=None, return_hidden=False, segment_ids=None, positions=None):
+    """Training forward.
+
+    Args:
+      tokens: `[batch, seq]` int32 (ignored if inputs_embeds is given; may then be None).
+      inputs_embeds: optional `[batch, seq, embed]`, replaces the token embedding.
+      return_hidden: also return `{"hidden": final normed hidden [b, t, e], "ffn_input": normed input of
+        the last block's feed-forward layer [b, t, e]}`.
+      segment_ids: optional `[batch, seq]` packed-document ids (attention does not cross them).
+      positions: optional `[batch, seq]` RoPE positions (default 0..seq-1).
+    Returns:
+      logits `[batch, seq, vocab]` float32, or `(logits, hidden_dict)`.
+    """
+    x = self._embed(tokens, inputs_embeds)
+    b, t = x.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = constrain(x, ACT)
+    h, ffn_input, _ = self._stack(x, positions=positions, segment_ids=segment_ids)
+    logits = self._logits(h)
+    if return_hidden:
+      return logits, {"hidden": h, "ffn_input": ffn_input}
+    return logits
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
+    """Decoding state: `{"index": int32 [] tokens seen, "layers": [per-block cache or None]}`.
+
+    Attention blocks preallocate `max_len` key/value slots; memory blocks keep a fixed-size state.
+    Needs no parameters: call it on the unbound model.
+    """
+    c = self.config
+    names = tuple(c.layer_blocks) * c.num_layers
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "layers": [get_block(n)(c, parent=None).init_cache(batch, max_len) for n in names],
+    }
+
+  def _cached_forward(self, tokens, cache):
+    x = self._embed(tokens, None)
+    b, t = x.shape[:2]
+    index = cache["index"]
+    capacity = _cache_capacity(cache)
+    if capacity is not None and _is_concrete(index) and int(index) + t > capacity:
+      raise ValueError(
+          f"the KV cache holds {capacity} tokens; {int(index)} are used and {t} more do not fit. "
+          "Call init_cache with a larger max_len."
+      )
+    positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _, caches = self._stack(x, positions=positions, segment_ids=None, caches=cache["layers"], cache_index=index)
+    logits = self._logits(h)
+    if capacity is not None:
+      # Under jit the index is not known in Python: poison the logits instead of silently wrapping.
+      logits = jnp.where(index + t > capacity, jnp.nan, logits)
+    return logits, {"index": index + t, "layers": caches}
+
+  def prefill(self, tokens, cache):
+    """Processes a prompt `[batch, seq]` in parallel. Returns (logits `[batch, seq, vocab]`, cache)."""
+    return self._cached_forward(tokens, cache)
+
+  def decode_step(self, token, cache):
+    """One token per sequence, `[batch]` or `[batch, 1]`. Returns (logits `[batch, vocab]`, cache)."""
+    if token.ndim == 1:
+      token = token[:, None]
+    logits, cache = self._cached_forward(token, cache)
+    return logits[:, -1], cache
+
+
+def _cache_capacity(cache) -> int | None:
+  """The smallest preallocated length among the layers' caches (None if no layer has a growing cache)."""
+  caps = [c["k"].shape[1] for c in cache["layers"] if isinstance(c, dict) and "k" in c]
+  return min(caps) if caps else None
