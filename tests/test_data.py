@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -234,6 +237,43 @@ def test_train_iterator_batches_and_state_restore(tmp_path, use_tfds):
       np.testing.assert_array_equal(got[name], want[name])
   other = next(D.create_train_iterator(c, batch_size=8, seed=1))
   assert not np.array_equal(other["inputs"], first["inputs"])
+
+
+_MP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import memarch.data as D
+    from configs.common import mqar_data
+
+    c = mqar_data(vocab_size=256, num_train_examples=400, num_eval_examples=10)
+    c.mqar.use_tfds = False
+    ref = D.create_train_iterator(c, batch_size=8, seed=0)
+    want = [next(ref)["inputs"] for _ in range(6)]
+    c.num_workers = 1
+    it = D.create_train_iterator(c, batch_size=8, seed=0)
+    got = [next(it)["inputs"] for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    again = D.create_train_iterator(c, batch_size=8, seed=0)
+    again.set_state(state)
+    got += [next(again)["inputs"] for _ in range(3)]
+    again.close()
+    ok = all(np.array_equal(a, b) for a, b in zip(want, got))
+    print("MP_OK" if ok else "MP_MISMATCH", flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_train_iterator_with_worker_processes():
+  # grain worker processes (data.num_workers > 0) give the same batches as the main process, and their
+  # state restores too. In a subprocess: worker processes and shared memory stay out of this one.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "PYTEST_"))}
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", _MP_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=110)
+  assert "MP_OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def _row_keys(batch):

@@ -158,9 +158,17 @@ def _text_sources(c: Any) -> tuple[BatchSource, BatchSource | None]:
   if kind == "text":
     return text.local_text_sources(str(c.files), seq_len=int(c.seq_len), val_fraction=float(c.val_fraction),
                                    tokenizer=tok)
-  return text.tfds_text_sources(tfds_name, data_dir=tfds_mqar.default_data_dir(c.tfds_data_dir),
-                                text_key=str(c.text_key), seq_len=int(c.seq_len),
-                                val_fraction=float(c.val_fraction), tokenizer=tok)
+  return _cached_tfds_text_sources(tfds_name, tfds_mqar.default_data_dir(c.tfds_data_dir), str(c.text_key),
+                                   int(c.seq_len), float(c.val_fraction))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tfds_text_sources(name: str, data_dir: str, text_key: str, seq_len: int,
+                              val_fraction: float) -> tuple[BatchSource, BatchSource | None]:
+  # Tokenizing a TFDS corpus walks every document in Python: do it once for the train iterator and
+  # the eval batches (a prepared TFDS version never changes, so the cache cannot go stale).
+  return text.tfds_text_sources(name, data_dir=data_dir, text_key=text_key, seq_len=seq_len,
+                                val_fraction=val_fraction, tokenizer=ByteTokenizer())
 
 
 def _complete_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -249,6 +257,12 @@ def create_train_iterator(
   iter_ds = ds.to_iter_dataset(read_options)
   num_workers = int(data_config.get("num_workers", 0))
   if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    # grain's worker processes read absl flags; outside an absl app (tests, notebooks) nobody parsed
+    # them, so take their defaults (inside experiments/run.py they are already parsed: a no-op).
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(iter_ds)
 

@@ -182,7 +182,16 @@ def tfds_text_sources(
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # TFDS raises several types for an unknown or unloadable name
     raise ValueError(f"{origin}: TFDS cannot load dataset {name!r} from {data_dir!r}: {e}") from e
-  builder.download_and_prepare(file_format="array_record")
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except ModuleNotFoundError as e:
+    if e.name != "importlib_resources":
+      raise
+    # TFDS imports it lazily to locate a packaged builder's checksums file but does not depend on it.
+    raise ModuleNotFoundError(
+        f"{origin}: preparing this TFDS dataset needs the 'importlib_resources' package, which "
+        "tensorflow-datasets uses without installing it: `pip install importlib_resources`.",
+        name=e.name) from e
   splits = set(builder.info.splits)
   if "train" not in splits:
     raise ValueError(f"{origin}: the dataset has no 'train' split (splits: {sorted(splits)}).")
