@@ -188,8 +188,8 @@ def rest_blocks_for_q_block(geo: Geometry, ints: Ints, qb):
   lo = jnp.zeros_like(hi)
   if geo.window is not None:
     lo = qpos_min - geo.window + 1 - jnp.max(ints.k_offset)
-  lo = jnp.clip(lo, 0, geo.rest_pad)
-  hi = jnp.clip(hi, 0, geo.rest_pad)
+  lo = jnp.broadcast_to(jnp.clip(lo, 0, geo.rest_pad), jnp.shape(q_first))
+  hi = jnp.broadcast_to(jnp.clip(hi, 0, geo.rest_pad), jnp.shape(q_first))
   lo_b = lo // geo.block_k
   hi_b = (hi + geo.block_k - 1) // geo.block_k
   return lo_b.astype(jnp.int32), jnp.maximum(hi_b, lo_b).astype(jnp.int32)
