@@ -57,6 +57,18 @@ def test_mqar_structure(vocab_size, seq_len, k, power_a):
   _check_mqar_rows(batch, vocab_size, seq_len, k)
 
 
+@pytest.mark.timeout(60)
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 12), extra_len=st.integers(0, 40), extra_vocab=st.integers(0, 300),
+       power_a=st.sampled_from([0.01, 0.3, 1.0]), seed=st.integers(0, 2**32 - 1))
+def test_mqar_structure_property(k, extra_len, extra_vocab, power_a, seed):
+  # Any valid setting, down to the smallest length (4k) and vocabulary (2k + 2).
+  vocab_size, seq_len = 2 * k + 2 + extra_vocab, 4 * k + extra_len
+  batch = synthetic.mqar_batch(np.random.default_rng(seed), num_examples=8, vocab_size=vocab_size,
+                               seq_len=seq_len, num_kv_pairs=k, power_a=power_a)
+  _check_mqar_rows(batch, vocab_size, seq_len, k)
+
+
 @pytest.mark.timeout(30)
 def test_mqar_deterministic_from_seed():
   kw = dict(num_examples=50, vocab_size=512, seq_len=64, num_kv_pairs=8)
@@ -329,6 +341,9 @@ def test_eval_batches_mqar(tmp_path):
       real += [r.tobytes() for r, m in zip(b["inputs"], b["loss_mask"]) if m.sum() > 0]
   full = [r.tobytes() for b in ev["mqar_T64_kv4"] for r, m in zip(b["inputs"], b["loss_mask"]) if m.sum() > 0]
   assert len(real) == 70 and sorted(real) == sorted(full)
+  capped = D.create_eval_batches(c, batch_size=32, max_batches=2)
+  assert [len(v) for v in capped.values()] == [2, 2]
+  np.testing.assert_array_equal(capped["mqar_T64_kv4"][1]["inputs"], ev["mqar_T64_kv4"][1]["inputs"])
 
 
 @pytest.mark.timeout(30)

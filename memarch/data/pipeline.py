@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -267,11 +266,6 @@ def create_train_iterator(
   return iter(iter_ds)
 
 
-def state_to_json(state: Any) -> str:
-  """The iterator state as a JSON string (a check that it is JSON-serializable, for checkpoints)."""
-  return json.dumps(state, sort_keys=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Eval
 
@@ -292,16 +286,18 @@ def _pad_rows(batch: dict[str, np.ndarray] | None, rows: int, pad_id: int, seq_l
 
 
 def _eval_batches(source: BatchSource, *, batch_size: int, seq_len: int, process_index: int,
-                  process_count: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+                  process_count: int, pad_id: int, max_batches: int) -> list[dict[str, np.ndarray]]:
   """This host's batches of a held-out set: every example once over all hosts, padded to full batches.
 
-  Every host returns the same number of batches, ceil(ceil(N / P) / B), so a jitted multi-host eval
-  step sees the same shapes and the same number of steps everywhere.
+  Every host returns the same number of batches, ceil(ceil(N / P) / B) (at most max_batches if > 0),
+  so a jitted multi-host eval step sees the same shapes and the same number of steps everywhere.
   """
   n = len(source)
   mine = np.arange(process_index, n, process_count)
   per_host = -(-n // process_count)
   num_batches = max(1, -(-per_host // batch_size))
+  if max_batches > 0:
+    num_batches = min(num_batches, max_batches)
   batches = []
   for b in range(num_batches):
     idx = mine[b * batch_size:(b + 1) * batch_size]
@@ -317,13 +313,22 @@ def create_eval_batches(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    max_batches: int = 0,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
   """Held-out batches per eval set: MQAR one per eval setting ("mqar_T64_kv4", ...), text "validation".
 
-  Finite and deterministic: over all hosts every held-out example appears exactly once (host i takes
-  examples i, i+P, ...); the last batches are filled with loss_mask-0 padding rows so every batch is
-  [batch_size, data.seq_len] and every host has the same number of batches. Text with
-  data.val_fraction == 0 (and no validation split) has no eval set: returns {}.
+  Args:
+    data_config: the config's `data` section.
+    batch_size: B, per host. process_index, process_count: this host and the number of hosts.
+    max_batches: if > 0, at most this many batches per eval set and host (the first ones), so a large
+      validation split is not materialized whole; 0: all of it.
+
+  Returns:
+    {eval set name: [batch, ...]}, each batch a dict with BATCH_KEYS of [B, data.seq_len] arrays.
+    Finite and deterministic: over all hosts every held-out example appears exactly once (host i takes
+    examples i, i+P, ...); the last batches are filled with loss_mask-0 padding rows (pad tokens) so
+    every batch has the same shape and every host the same number of batches. Text with
+    data.val_fraction == 0 (and no validation split) has no eval set: returns {}.
   """
   kind, _ = _kind(data_config)
   _check_hosts(process_index, process_count)
@@ -336,5 +341,6 @@ def create_eval_batches(
     val = _text_sources(data_config)[1]
     sources = {} if val is None else {"validation": val}
   return {name: _eval_batches(src, batch_size=batch_size, seq_len=int(data_config.seq_len),
-                              process_index=process_index, process_count=process_count, pad_id=info.pad_id)
+                              process_index=process_index, process_count=process_count, pad_id=info.pad_id,
+                              max_batches=max_batches)
           for name, src in sources.items()}
