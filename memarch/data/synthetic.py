@@ -177,7 +177,8 @@ def setting_rng(seed: int, split: str, seq_len: int, num_kv_pairs: int) -> np.ra
   return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], seq_len, num_kv_pairs]))
 
 
-def _check_settings(settings: Sequence[Sequence[int]], seq_len: int, vocab_size: int, power_a: float) -> None:
+def validate_settings(settings: Sequence[Sequence[int]], seq_len: int, vocab_size: int, power_a: float) -> None:
+  """Raises ValueError if any (T, k) of a mixture cannot be generated or is longer than seq_len."""
   if not settings:
     raise ValueError("MQAR: the list of (seq_len, num_kv_pairs) settings is empty.")
   for setting in settings:
@@ -215,7 +216,7 @@ def mqar_mixture(
   """
   if split not in _SPLIT_IDS:
     raise ValueError(f"MQAR: split must be one of {sorted(_SPLIT_IDS)}, got {split!r}.")
-  _check_settings(settings, seq_len, vocab_size, power_a)
+  validate_settings(settings, seq_len, vocab_size, power_a)
   parts = [
       mqar_batch(setting_rng(seed, split, int(t), int(k)), num_examples=num_examples_per_setting,
                  vocab_size=vocab_size, seq_len=int(t), num_kv_pairs=int(k), power_a=power_a, pad_to=seq_len)
@@ -234,7 +235,10 @@ def mqar_eval_sets(
     power_a: float = 0.01,
 ) -> dict[str, dict[str, np.ndarray]]:
   """One held-out set per eval setting, keyed by `setting_name(T, k)`; arrays [num_examples, seq_len]."""
-  _check_settings(eval_settings, seq_len, vocab_size, power_a)
+  validate_settings(eval_settings, seq_len, vocab_size, power_a)
+  names = [setting_name(int(t), int(k)) for t, k in eval_settings]
+  if len(set(names)) != len(names):
+    raise ValueError(f"MQAR: the eval settings have duplicates: {tuple(map(tuple, eval_settings))}.")
   return {
       setting_name(int(t), int(k)): mqar_mixture(
           seed=seed, split="eval", vocab_size=vocab_size, settings=[(t, k)],

@@ -87,8 +87,8 @@ def make_builder_config(
   settings = tuple((int(t), int(k)) for t, k in settings)
   eval_settings = tuple((int(t), int(k)) for t, k in eval_settings)
   # Validate before anything touches the disk, so a bad config fails with the generator's message.
-  synthetic._check_settings(settings, seq_len, vocab_size, power_a)  # pylint: disable=protected-access
-  synthetic._check_settings(eval_settings, seq_len, vocab_size, power_a)  # pylint: disable=protected-access
+  synthetic.validate_settings(settings, seq_len, vocab_size, power_a)
+  synthetic.validate_settings(eval_settings, seq_len, vocab_size, power_a)
   names = [synthetic.setting_name(t, k) for t, k in eval_settings]
   if len(set(names)) != len(names):
     raise ValueError(f"MQAR: data.mqar.eval_settings has duplicates: {eval_settings}.")
