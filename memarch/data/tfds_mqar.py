@@ -193,6 +193,13 @@ def build_mqar(config: MqarBuilderConfig, data_dir: str) -> MemarchMqar:
 
 
 def mqar_data_sources(config: MqarBuilderConfig, data_dir: str) -> dict[str, Sequence[dict[str, np.ndarray]]]:
-  """Random-access sources of every split ("train" and one per eval setting), built if needed."""
+  """Random-access sources of every split ("train" and one per eval setting), built if needed.
+
+  Read with `tfds.data_source("memarch_mqar/<config name>", ...)`, as any prepared TFDS dataset
+  (also from outside memarch: the config name is in the directory name).
+  """
   builder = build_mqar(config, data_dir)
-  return {name: builder.as_data_source(split=name) for name in builder.info.splits}
+  return {
+      split: tfds.data_source(f"{builder.name}/{config.name}", split=split, data_dir=data_dir, download=False)
+      for split in builder.info.splits
+  }
