@@ -61,6 +61,8 @@ def default_blocks(impl: str, tq: int, tk_rest: int, head_dim: int) -> tuple[int
 
 def unsupported(impl: str, q, k, v, block_q, block_k) -> str | None:
   """Why the kernel variant cannot run these inputs (then `attention` falls back to xla), or None."""
+  if k.shape[1] == 0 or q.shape[1] == 0:
+    return "empty q or k"
   if not (q.dtype == k.dtype == v.dtype):
     return f"mixed input dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -268,7 +270,7 @@ def _tpu_forward(geo: Geometry, q, k, v, ints: Ints):
       lse_ref[...] = lse
 
   def kv_map(bi, hi_, qi, t, qoff, koff, plen, rlen, lo_r, hi_r, npd_r):
-    return bi, hi_ // g, _kv_block(geo, t, lo_r[qi], hi_r[qi]), 0
+    return bi, lax.div(hi_, g), _kv_block(geo, t, lo_r[qi], hi_r[qi]), 0
 
   def q_map(bi, hi_, qi, t, *_):
     return bi, hi_, qi, 0
@@ -340,7 +342,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
       dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
   def kv_map(bi, hi_, qi, t, qoff, koff, plen, rlen, lo_r, hi_r, npd_r):
-    return bi, hi_ // g, _kv_block(geo, t, lo_r[qi], hi_r[qi]), 0
+    return bi, lax.div(hi_, g), _kv_block(geo, t, lo_r[qi], hi_r[qi]), 0
 
   def q_map(bi, hi_, qi, t, *_):
     return bi, hi_, qi, 0
@@ -411,7 +413,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
     return bi, hi_, 0, _q_block(geo, t, lo_r[kb], hi_r[kb])
 
   def kb_map(bi, hi_, kb, t, *_):
-    return bi, hi_ // g, kb, 0
+    return bi, lax.div(hi_, g), kb, 0
 
   def out_map(bi, hi_, kb, t, *_):
     return bi, hi_, kb, 0
@@ -519,7 +521,7 @@ def _triton_forward(geo: Geometry, q, k, v, ints: Ints):
     lse_ref[...] = lse[:, 0]
 
   q_map = lambda qi, bi, hi_: (bi, hi_, qi, 0)
-  kv_map = lambda qi, bi, hi_: (bi, hi_ // g, 0, 0)
+  kv_map = lambda qi, bi, hi_: (bi, lax.div(hi_, g), 0, 0)
   in_specs = [
       pl.BlockSpec((None, 8), lambda qi, bi, hi_: (bi, 0)),
       pl.BlockSpec((None, 2), lambda qi, bi, hi_: (qi, 0)),
@@ -590,7 +592,7 @@ def _triton_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
 
   q_map = lambda qi, bi, hi_: (bi, hi_, qi, 0)
   row_map = lambda qi, bi, hi_: (bi, hi_, qi)
-  kv_map = lambda qi, bi, hi_: (bi, hi_ // g, 0, 0)
+  kv_map = lambda qi, bi, hi_: (bi, lax.div(hi_, g), 0, 0)
   in_specs = [
       pl.BlockSpec((None, 8), lambda qi, bi, hi_: (bi, 0)),
       pl.BlockSpec((None, 2), lambda qi, bi, hi_: (qi, 0)),
@@ -646,7 +648,7 @@ def _triton_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
 
   full_q = lambda kb, bi, hi_: (bi, hi_, 0, 0)
   full_row = lambda kb, bi, hi_: (bi, hi_, 0)
-  kb_map = lambda kb, bi, hi_: (bi, hi_ // g, kb, 0)
+  kb_map = lambda kb, bi, hi_: (bi, lax.div(hi_, g), kb, 0)
   out_map = lambda kb, bi, hi_: (bi, hi_, kb, 0)
   in_specs = [
       pl.BlockSpec((None, 8), lambda kb, bi, hi_: (bi, 0)),
