@@ -165,8 +165,12 @@ class TrainResult:
   state: Any
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> TrainResult:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final metrics.
+
+  stop_after: end this invocation (with a checkpoint) after that many steps, e.g. to fit a job's time
+  limit; running again resumes where it stopped, exactly as if it had not stopped.
+  """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = shard_lib.make_mesh(config.mesh)
@@ -193,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       process_index=jax.process_index(), process_count=jax.process_count(),
   )
   eval_sets = data_lib.create_eval_batches(
-      config.data, batch_size=host_eval_batch, process_index=jax.process_index(), process_count=jax.process_count()
+      config.data, batch_size=host_eval_batch, process_index=jax.process_index(), process_count=jax.process_count(),
+      max_batches=config.eval.max_batches,
   )
 
   checkpointer = ckpt_lib.Checkpointer(
@@ -228,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     step = start
-    while step < steps:
+    last = steps if stop_after is None else min(steps, start + stop_after)
+    while step < last:
       batch = next(train_iter)
       check_batch(batch, model_config.vocab_size)
       state, metrics = train_step(state, shard_lib.place_batch(batch, mesh))
@@ -251,9 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         eval_metrics = run_eval(state.params)
         writer.write(step, "eval", eval_metrics)
         progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-      if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == steps:
+      if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == last:
         checkpointer.save(step, state, train_iter.get_state(), manifest, force=True)
-    if not eval_metrics:  # resumed a finished run: evaluate what was restored
+    if not eval_metrics and step == steps:  # resumed a finished run: evaluate what was restored
       eval_metrics = run_eval(state.params)
       progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
 

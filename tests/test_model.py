@@ -16,6 +16,13 @@ pytestmark = pytest.mark.timeout(120)
 VOCAB = 97
 
 
+def jitted(model, method=None, **kwargs):
+  """model.apply under jit (eager Flax dispatches op by op, which is slow on CPU)."""
+  if method is None:
+    return jax.jit(lambda p, *a: model.apply(p, *a, **kwargs))
+  return jax.jit(lambda p, *a: model.apply(p, *a, method=getattr(model, method), **kwargs))
+
+
 def make_model(**overrides):
   m = transformer.get_config("size=tiny").model.to_dict()
   m.update(vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_heads=4, num_kv_heads=2, attention_impl="reference")
@@ -29,11 +36,12 @@ def make_model(**overrides):
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "num_kv_heads": 4}, {"window": 4}])
 def test_shapes_and_causality(overrides):
   model, params, tokens = make_model(**overrides)
-  logits = model.apply(params, tokens)
+  fwd = jitted(model)
+  logits = fwd(params, tokens)
   assert logits.shape == (2, 13, VOCAB) and logits.dtype == jnp.float32
   t = 6
   changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % VOCAB)
-  logits2 = model.apply(params, changed)
+  logits2 = fwd(params, changed)
   np.testing.assert_allclose(logits[:, : t + 1], logits2[:, : t + 1], atol=1e-6)
   assert np.abs(np.asarray(logits[:, t + 1 :] - logits2[:, t + 1 :])).max() > 1e-4
 
@@ -41,12 +49,13 @@ def test_shapes_and_causality(overrides):
 @pytest.mark.parametrize("overrides", [{}, {"window": 4}])
 def test_prefill_then_decode_matches_parallel_forward(overrides):
   model, params, tokens = make_model(**overrides)
-  full = model.apply(params, tokens)
+  full = jitted(model)(params, tokens)
   cache = model.init_cache(2, 16)
-  logits, cache = model.apply(params, tokens[:, :5], cache, method=model.prefill)
+  logits, cache = jitted(model, "prefill")(params, tokens[:, :5], cache)
   steps = [logits]
+  decode = jitted(model, "decode_step")
   for i in range(5, 13):
-    step_logits, cache = model.apply(params, tokens[:, i], cache, method=model.decode_step)
+    step_logits, cache = decode(params, tokens[:, i], cache)
     steps.append(step_logits[:, None])
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
   assert int(cache["index"]) == 13
@@ -54,10 +63,11 @@ def test_prefill_then_decode_matches_parallel_forward(overrides):
 
 def test_chunked_prefill_matches_parallel_forward():
   model, params, tokens = make_model()
-  full = model.apply(params, tokens)
+  full = jitted(model)(params, tokens)
   cache = model.init_cache(2, 13)
-  a, cache = model.apply(params, tokens[:, :7], cache, method=model.prefill)
-  b, cache = model.apply(params, tokens[:, 7:], cache, method=model.prefill)
+  prefill = jitted(model, "prefill")
+  a, cache = prefill(params, tokens[:, :7], cache)
+  b, cache = prefill(params, tokens[:, 7:], cache)
   np.testing.assert_allclose(jnp.concatenate([a, b], axis=1), full, atol=2e-5, rtol=1e-5)
 
 
@@ -67,18 +77,18 @@ def test_cache_overflow_is_a_clear_error():
   with pytest.raises(ValueError, match="KV cache holds 8"):
     model.apply(params, tokens, cache, method=model.prefill)
   # Under jit the overflow cannot raise: the logits are poisoned instead of silently wrapping.
-  _, cache = model.apply(params, tokens[:, :8], cache, method=model.prefill)
-  step = jax.jit(lambda p, t, c: model.apply(p, t, c, method=model.decode_step))
-  logits, _ = step(params, tokens[:, 8], cache)
+  _, cache = jitted(model, "prefill")(params, tokens[:, :8], cache)
+  logits, _ = jitted(model, "decode_step")(params, tokens[:, 8], cache)
   assert np.isnan(np.asarray(logits)).all()
 
 
 def test_inputs_embeds_and_return_hidden():
   model, params, tokens = make_model()
-  logits, hidden = model.apply(params, tokens, return_hidden=True)
+  logits, hidden = jitted(model, return_hidden=True)(params, tokens)
   assert hidden["hidden"].shape == (2, 13, 32) and hidden["ffn_input"].shape == (2, 13, 32)
   embeds = jnp.take(params["params"]["embedding"], tokens, axis=0)
-  np.testing.assert_allclose(model.apply(params, None, inputs_embeds=embeds), logits, atol=1e-6)
+  from_embeds = jax.jit(lambda p, e: model.apply(p, None, inputs_embeds=e))(params, embeds)
+  np.testing.assert_allclose(from_embeds, logits, atol=1e-5)
   # The head reads the final hidden state: logits = hidden @ embedding^T (tied).
   np.testing.assert_allclose(hidden["hidden"] @ params["params"]["embedding"].T, logits, atol=1e-4)
 
@@ -87,8 +97,8 @@ def test_segment_ids_isolate_documents():
   model, params, tokens = make_model()
   seg = jnp.array([[1] * 6 + [2] * 7] * 2)
   pos = jnp.array([list(range(6)) + list(range(7))] * 2)
-  packed = model.apply(params, tokens, segment_ids=seg, positions=pos)
-  alone = model.apply(params, tokens[:, 6:])
+  packed = jax.jit(lambda p, t, s, q: model.apply(p, t, segment_ids=s, positions=q))(params, tokens, seg, pos)
+  alone = jitted(model)(params, tokens[:, 6:])
   np.testing.assert_allclose(packed[:, 6:], alone, atol=2e-5)
 
 
@@ -109,8 +119,9 @@ def test_generate_greedy_matches_argmax_loop_and_checks_length():
   prompt = tokens[:, :5]
   out = generate(model, params, prompt, max_new_tokens=4)
   seq = prompt
+  fwd = jitted(model)
   for _ in range(4):
-    seq = jnp.concatenate([seq, jnp.argmax(model.apply(params, seq)[:, -1], -1)[:, None].astype(seq.dtype)], 1)
+    seq = jnp.concatenate([seq, jnp.argmax(fwd(params, seq)[:, -1], -1)[:, None].astype(seq.dtype)], 1)
   np.testing.assert_array_equal(out, seq)
   sampled = generate(model, params, prompt, max_new_tokens=4, temperature=0.8, top_k=3, rng=jax.random.key(2))
   assert sampled.shape == (2, 9) and int(sampled.max()) < VOCAB

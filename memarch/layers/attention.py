@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch.layers.common import apply_rope, dtype_from_name, param_with_axes
+from memarch.layers.common import apply_rope, dense, dtype_from_name, param_with_axes
 
 _init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -55,9 +55,7 @@ class Attention(nn.Module):
         (heads, head_dim, e), ("heads", "kv", "embed"),
     )
     x = x.astype(dtype)
-    q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dtype))
-    k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dtype))
-    v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dtype))
+    q, k, v = dense(x, wq), dense(x, wk), dense(x, wv)
     q = apply_rope(q, positions, c.rope_base)
     k = apply_rope(k, positions, c.rope_base)
     window = c.window or None
@@ -74,7 +72,7 @@ class Attention(nn.Module):
           kv_lengths=lengths, impl=c.attention_impl,
       )
       new_cache = {"k": ck, "v": cv}
-    y = jnp.einsum("bthd,hde->bte", o, wo.astype(dtype))
+    y = dense(o, wo, contract=2)
     return y, new_cache
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:

@@ -7,6 +7,7 @@ Parameters are float32 and carry logical axis names (`embed`, `mlp`, `heads`, `k
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -32,6 +33,19 @@ def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], ax
 def constrain(x: jax.Array, axes: Sequence[str | None] = ACT) -> jax.Array:
   """Logical sharding constraint on an activation (a no-op without a mesh and rules in context)."""
   return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(x: jax.Array, w: jax.Array, *, contract: int = 1) -> jax.Array:
+  """x[..., in] @ w[in..., out...] as one 2-D matmul, for weights stored with several axes.
+
+  `contract` is how many leading axes of w (and trailing axes of x) are contracted. XLA on CPU runs a
+  2-D matmul about 3x faster than the equivalent 3-D dot_general, so shapes are flattened around it.
+  """
+  lead, k_shape = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
+  out_shape = w.shape[contract:]
+  k = math.prod(k_shape)
+  y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+  return y.reshape(*lead, *out_shape)
 
 
 class RMSNorm(nn.Module):

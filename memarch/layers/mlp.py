@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from memarch.layers.attention import _init, _out_init
-from memarch.layers.common import dtype_from_name, param_with_axes
+from memarch.layers.common import dense, dtype_from_name, param_with_axes
 
 
 class SwiGLU(nn.Module):
@@ -29,9 +29,9 @@ class SwiGLU(nn.Module):
     w_up = param_with_axes(self, "w_up", _init, (e, c.mlp_dim), ("embed", "mlp"))
     w_down = param_with_axes(self, "w_down", _out_init(c.num_layers), (c.mlp_dim, e), ("mlp", "embed"))
     x = x.astype(dtype)
-    h = jax.nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
+    h = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
     h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
-    return h @ w_down.astype(dtype), cache
+    return dense(h, w_down), cache
 
   def init_cache(self, batch: int, max_len: int):
     """A feed-forward block keeps no state."""

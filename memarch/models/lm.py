@@ -14,9 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memarch.layers.blocks import get_block
-from memarch.layers.common import ACT, RMSNorm, constrain, dtype_from_name
+from memarch.layers.common import ACT, RMSNorm, constrain, dense, dtype_from_name
 
 
 def _is_concrete(x) -> bool:
@@ -27,7 +28,10 @@ def check_token_ids(tokens, vocab_size: int) -> None:
   """Raises ValueError if concrete token ids fall outside [0, vocab_size) (no-op under tracing)."""
   if tokens is None or not _is_concrete(tokens):
     return
-  lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+  ids = np.asarray(tokens)  # numpy, so the check itself is never traced
+  if ids.size == 0:
+    return
+  lo, hi = int(ids.min()), int(ids.max())
   if lo < 0 or hi >= vocab_size:
     raise ValueError(f"token ids must be in [0, {vocab_size}) (the model's vocab_size); got min {lo}, max {hi}.")
 
@@ -86,7 +90,7 @@ class DecoderLM(nn.Module):
   def _logits(self, h):
     w = self.embedding.T if self.config.tie_embeddings else self.head
     # Logits in float32: the softmax over a large vocabulary is where low precision hurts most.
-    return jnp.einsum("bte,ev->btv", h.astype(jnp.float32), w)
+    return dense(h.astype(jnp.float32), w)
 
   def __call__(self, tokens, *, inputs_embeds=None, return_hidden=False, segment_ids=None, positions=None):
     """Training forward.
