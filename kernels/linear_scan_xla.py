@@ -60,6 +60,37 @@ def from_chunks(x: jax.Array, t: int) -> jax.Array:
   return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, d)[:, :t]
 
 
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + A)^{-1} for strictly lower triangular A `[..., n, n]`, by matmuls only.
+
+  XLA's batched triangular_solve on CPU runs row by row and was ~10x slower than the rest of the chunk.
+  Blocks: [[L11, 0], [L21, L22]]^{-1} = [[T11, 0], [-T22 L21 T11, T22]], with both diagonal halves inverted
+  in one batched call; small blocks (n <= 16) use the exact product for nilpotent N = -A:
+  (I + A)^{-1} = (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...(I + N^{2^m}) = sum_{j < 2^{m+1}} N^j with N^n = 0.
+  """
+  n = a.shape[-1]
+  eye = jnp.eye(n, dtype=a.dtype)
+  if n <= 16:
+    nil = -a
+    t = eye + nil
+    p = 2
+    while p < n:
+      nil = jnp.matmul(nil, nil, precision=_HI)
+      t = t + jnp.matmul(t, nil, precision=_HI)
+      p *= 2
+    return t
+  h = n // 2
+  if n % 2 == 0:
+    diag = unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]]))
+    t11, t22 = diag[0], diag[1]
+  else:
+    t11, t22 = unit_lower_inverse(a[..., :h, :h]), unit_lower_inverse(a[..., h:, h:])
+  t21 = -jnp.matmul(jnp.matmul(t22, a[..., h:, :h], precision=_HI), t11, precision=_HI)
+  top = jnp.concatenate([t11, jnp.zeros(t11.shape[:-1] + (n - h,), a.dtype)], axis=-1)
+  bottom = jnp.concatenate([t21, t22], axis=-1)
+  return jnp.concatenate([top, bottom], axis=-2)
+
+
 def prep(q, k, v, g, beta, scale: float, delta: bool):
   """Per-chunk quantities of the affine chunk map (parallel over all chunks; no state involved).
 
@@ -86,7 +117,7 @@ def prep(q, k, v, g, beta, scale: float, delta: bool):
     kk = jnp.einsum("...tk,...ik->...ti", k, k, precision=_HI)
     a = beta[..., :, None] * jnp.exp(jnp.where(row > col, diff, -jnp.inf)) * kk
     rhs = jnp.concatenate([(beta * gamma)[..., None] * k, beta[..., None] * v], axis=-1)
-    wu = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    wu = jnp.matmul(unit_lower_inverse(a), rhs, precision=_HI)
     w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1]:]
     qeff = scale * (gamma[..., None] * q - jnp.einsum("...ti,...ik->...tk", qk, w, precision=_HI))
     ointra = scale * jnp.einsum("...ti,...iv->...tv", qk, u, precision=_HI)
@@ -144,33 +175,70 @@ def xla_backward_pass(qeff, do, p, d_final):
   return jnp.moveaxis(lam_next, 0, 2), d_s0
 
 
+# Chunks per lax.map step of the parallel per-chunk work: bounds the live C x C temporaries (and their
+# autodiff residuals) to one group, so memory is O(seq * (K + V) + n_chunks * K * V) rather than
+# O(seq * C * #intermediates), while each step still batches enough chunks to keep matmuls efficient.
+GROUP_TOKENS = 1024
+
+
+def map_chunk_groups(fn: Callable, arrays, chunk_size: int):
+  """fn over groups of chunks: arrays (a pytree) have the chunk axis at 2; so do fn's outputs.
+
+  The chunk axis is zero-padded to a multiple of the group; a zero chunk (g = beta = 0, k = q = v = 0) is a
+  valid, harmless input of `prep`, and its outputs are dropped.
+  """
+  leaves = jax.tree.leaves(arrays)
+  n = leaves[0].shape[2]
+  gs = max(1, min(n, GROUP_TOKENS // chunk_size))
+  ng = -(-n // gs)
+  if ng == 1:
+    return fn(arrays)
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, ng * gs - n)] + [(0, 0)] * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (ng, gs) + x.shape[3:]), 2, 0)
+
+  def merge(y):
+    y = jnp.moveaxis(y, 0, 2)
+    return y.reshape(y.shape[:2] + (ng * gs,) + y.shape[4:])[:, :, :n]
+
+  return jax.tree.map(merge, jax.lax.map(fn, jax.tree.map(split, arrays)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def chunked_scan(q, k, v, g, beta, s0, scale: float, delta: bool, fwd_pass: Callable, bwd_pass: Callable):
   """Chunked scan on chunked float32 inputs (see `prep`); returns (o `[b,h,n,C,V]`, final `[b,h,K,V]`).
 
   fwd_pass / bwd_pass run the sequential state passes (XLA here, Pallas kernels in linear_scan_pallas).
   """
-  o, _, final = fwd_pass(*prep(q, k, v, g, beta, scale, delta), s0)
-  return o, final
+  return _chunked_scan_fwd(q, k, v, g, beta, s0, scale, delta, fwd_pass, bwd_pass)[0]
 
 
 def _chunked_scan_fwd(q, k, v, g, beta, s0, scale, delta, fwd_pass, bwd_pass):
-  o, starts, final = fwd_pass(*prep(q, k, v, g, beta, scale, delta), s0)
-  # Residuals: the inputs and one state per chunk (not per token).
-  return (o, final), (q, k, v, g, beta, starts)
+  c = q.shape[3]
+  qeff, ointra, p, bmat = map_chunk_groups(lambda a: prep(*a, scale, delta), (q, k, v, g, beta), c)
+  o, starts, final = fwd_pass(qeff, ointra, p, bmat, s0)
+  # Residuals: the inputs, one state per chunk (not per token) and the per-chunk Qeff and P that the reverse
+  # state pass needs (the size of q and of the chunk states): everything else is recomputed.
+  return (o, final), (q, k, v, g, beta, starts, qeff, p)
 
 
 def _chunked_scan_bwd(scale, delta, fwd_pass, bwd_pass, res, cts):
-  q, k, v, g, beta, starts = res
+  q, k, v, g, beta, starts, qeff, p = res
   do, d_final = cts
-  (qeff, _, p, _), prep_vjp = jax.vjp(lambda *a: prep(*a, scale, delta), q, k, v, g, beta)
   lam_next, d_s0 = bwd_pass(qeff, do, p, d_final)
-  d_qeff = jnp.einsum("...cv,...kv->...ck", do, starts, precision=_HI)
-  if p.ndim == starts.ndim:
-    d_p = jnp.einsum("...kv,...jv->...kj", lam_next, starts, precision=_HI)
-  else:
-    d_p = jnp.sum(lam_next * starts, axis=(-2, -1))
-  dq, dk, dv, dg, dbeta = prep_vjp((d_qeff, do, d_p, lam_next))
+
+  def group_vjp(a):
+    q, k, v, g, beta, do, starts, lam_next = a
+    _, prep_vjp = jax.vjp(lambda *x: prep(*x, scale, delta), q, k, v, g, beta)
+    d_qeff = jnp.einsum("...cv,...kv->...ck", do, starts, precision=_HI)
+    if delta:
+      d_p = jnp.einsum("...kv,...jv->...kj", lam_next, starts, precision=_HI)
+    else:
+      d_p = jnp.sum(lam_next * starts, axis=(-2, -1))
+    return prep_vjp((d_qeff, do, d_p, lam_next))
+
+  dq, dk, dv, dg, dbeta = map_chunk_groups(group_vjp, (q, k, v, g, beta, do, starts, lam_next), q.shape[3])
   return dq, dk, dv, dg, dbeta, d_s0
 
 
