@@ -4,6 +4,9 @@ Imports only jax. See `../shared/DESIGN.md` (Contracts: kernels).
 """
 
 from kernels.attention import attention, merge_attention
+from kernels.decay_scan import decay_scan
 from kernels.dispatch import IMPLS
+from kernels.linear_scan import linear_scan, linear_scan_step
 
 __all__ = ["IMPLS", "attention", "merge_attention"]
+__all__ += ["decay_scan", "linear_scan", "linear_scan_step"]

@@ -1,0 +1,111 @@
+"""`decay_scan`: the first-order linear recurrence h_t = a_t * h_{t-1} + x_t along axis 1.
+
+The momentum and forgetting recurrences of deep neural memories (Titans: S_t = eta_t S_{t-1} - theta_t u_t,
+W_t = (1 - alpha_t) W_{t-1} + S_t) over arrays or pytrees of weights. The gate `a` broadcasts against each
+leaf from the left: a `[b, t, h]` against a leaf `[b, t, h, d1, d2]` is one scalar per token and head for a
+weight matrix per head (a is reshaped to `[b, t, h, 1, 1]`).
+
+Implementations (`impl=`, see `kernels.dispatch`):
+- "reference": a `lax.scan` loop over time, float32.
+- "xla": `lax.associative_scan` with the operator (a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2): O(log t) depth;
+  h0 enters as h_t += (prod_{m<=t} a_m) h0.
+- "pallas" / "pallas_interpret": a sequential kernel over time blocks (`kernels.decay_scan_pallas`), with a
+  custom VJP whose backward is the same kernel run in reverse:
+  lambda_t = dh_t + a_{t+1} lambda_{t+1}, dx_t = lambda_t, da_t = lambda_t h_{t-1}, dh0 = a_0 lambda_0.
+All are differentiable; the math is float32 and h has each leaf's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels.dispatch import resolve_impl
+
+_F32 = jnp.float32
+
+
+def _gate_for(a: jax.Array, x: jax.Array) -> jax.Array:
+  """a `[b, t, ...]` reshaped to broadcast against the leaf x (trailing singleton axes), float32."""
+  return a.astype(_F32).reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def _check_leaf(a, x, h0, where: str):
+  if x.ndim < 2:
+    raise ValueError(f"decay_scan: x{where} must be [batch, seq, ...], got shape {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"decay_scan: x{where} must be floating point, got {x.dtype}.")
+  if a.ndim < 2 or a.ndim > x.ndim or a.shape[:2] != x.shape[:2] or any(
+      da not in (1, dx) for da, dx in zip(a.shape[2:], x.shape[2:a.ndim])):
+    raise ValueError(
+        f"decay_scan: gate a of shape {a.shape} must be [batch, seq, ...] and broadcast from the left against "
+        f"x{where} of shape {x.shape} (same batch and seq, each further axis equal or 1).")
+  if h0 is not None and tuple(h0.shape) != x.shape[:1] + x.shape[2:]:
+    raise ValueError(
+        f"decay_scan: h0{where} must be [batch, ...] = {x.shape[:1] + x.shape[2:]} (x without the seq axis), "
+        f"got {tuple(h0.shape)}.")
+
+
+def decay_scan_reference_leaf(a: jax.Array, x: jax.Array, h0: jax.Array | None) -> jax.Array:
+  """Loop over time. a broadcastable `[b, t, ...]`, x `[b, t, ...]`, h0 `[b, ...]` or None -> h like x."""
+  a = _gate_for(a, x)
+  h = jnp.zeros(x.shape[:1] + x.shape[2:], _F32) if h0 is None else h0.astype(_F32)
+
+  def body(h, ax):
+    a_t, x_t = ax
+    h = a_t * h + x_t
+    return h, h
+
+  _, hs = jax.lax.scan(body, h, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(x.astype(_F32), 0, 1)))
+  return jnp.swapaxes(hs, 0, 1).astype(x.dtype)
+
+
+def decay_scan_xla_leaf(a: jax.Array, x: jax.Array, h0: jax.Array | None) -> jax.Array:
+  """Associative scan over time (parallel prefix). Shapes as `decay_scan_reference_leaf`."""
+  a = _gate_for(a, x)
+
+  def combine(left, right):
+    a1, x1 = left
+    a2, x2 = right
+    return a1 * a2, a2 * x1 + x2
+
+  cum_a, h = jax.lax.associative_scan(combine, (a, x.astype(_F32)), axis=1)
+  if h0 is not None:
+    h = h + cum_a * h0.astype(_F32)[:, None]
+  return h.astype(x.dtype)
+
+
+def decay_scan(a: Any, x: Any, h0: Any = None, impl: str = "auto") -> Any:
+  """h_t = a_t * h_{t-1} + x_t along axis 1 (h_{-1} = h0, zeros if None).
+
+  Args:
+    a: the gate: an array `[batch, seq, ...]` that broadcasts from the left against every leaf of x (e.g.
+      `[b, t, heads]` against `[b, t, heads, d1, d2]`), or a pytree of such arrays with x's structure.
+    x: an array `[batch, seq, ...]` or a pytree of them.
+    h0: None, or x's structure with leaves `[batch, ...]` (each leaf of x without the seq axis).
+    impl: one of `kernels.dispatch.IMPLS`.
+
+  Returns:
+    h with x's structure, shapes and dtypes.
+  """
+  impl = resolve_impl(impl, "decay_scan")
+  x_leaves, treedef = jax.tree.flatten(x)
+  if isinstance(a, (jax.Array, jnp.ndarray)) or hasattr(a, "shape"):
+    a_leaves = [a] * len(x_leaves)
+  else:
+    a_leaves = treedef.flatten_up_to(a)
+  h0_leaves = [None] * len(x_leaves) if h0 is None else treedef.flatten_up_to(h0)
+  for i, (al, xl, hl) in enumerate(zip(a_leaves, x_leaves, h0_leaves)):
+    _check_leaf(al, xl, hl, "" if len(x_leaves) == 1 else f" (leaf {i})")
+  if impl == "reference":
+    leaf_fn = decay_scan_reference_leaf
+  elif impl == "xla":
+    leaf_fn = decay_scan_xla_leaf
+  else:
+    from kernels.decay_scan_pallas import decay_scan_pallas_leaf  # pylint: disable=g-import-not-at-top
+
+    interpret = impl == "pallas_interpret"
+    leaf_fn = lambda a, x, h0: decay_scan_pallas_leaf(a, x, h0, interpret=interpret)
+  return treedef.unflatten([leaf_fn(al, xl, hl) for al, xl, hl in zip(a_leaves, x_leaves, h0_leaves)])
