@@ -150,24 +150,41 @@ def _dkdv_tile(geo: Geometry, q, k, v, do, lse_row, delta_row, vis_t, dk, dv):
 # Block tables (traced: offsets and lengths may be traced).
 
 
+def _per_sequence(fn, ints: Ints):
+  """Maps fn(ints of one sequence) over the batch: ranges per sequence, so that the static bounds on the
+  number of visible blocks (`Geometry.max_*_per_*`) hold whatever the spread of offsets across the batch."""
+
+  def one(qoff, koff, plen, rlen):
+    return fn(Ints(qoff[None], koff[None], plen[None], rlen[None], None, None))
+
+  return jax.vmap(one)(ints.q_offset, ints.k_offset, ints.prefix_len, ints.rest_len)
+
+
 def _fwd_tables(geo: Geometry, ints: Ints):
-  lo, hi = rest_blocks_for_q_block(geo, ints, jnp.arange(geo.num_q_blocks, dtype=jnp.int32))
+  """Per sequence and query block: [lo, hi) of visible rest key blocks (`[b, nq]` each), and the number of
+  prefix blocks with a visible key (`[1]`)."""
+  qb = jnp.arange(geo.num_q_blocks, dtype=jnp.int32)
+  lo, hi = _per_sequence(lambda i: rest_blocks_for_q_block(geo, i, qb), ints)
   npd = prefix_blocks(geo, ints).reshape(1)
   return lo, hi, npd
 
 
 def _bwd_tables(geo: Geometry, ints: Ints):
-  """[lo, hi) of query blocks for every key block (prefix blocks first)."""
-  los, his = [], []
-  if geo.num_prefix_blocks:
-    kb = jnp.arange(geo.num_prefix_blocks, dtype=jnp.int32)
-    los.append(jnp.zeros_like(kb))
-    his.append(jnp.where(kb < prefix_blocks(geo, ints), geo.num_q_blocks, 0).astype(jnp.int32))
-  if geo.num_rest_blocks:
-    lo, hi = q_blocks_for_rest_block(geo, ints, jnp.arange(geo.num_rest_blocks, dtype=jnp.int32))
-    los.append(lo)
-    his.append(hi)
-  return jnp.concatenate(los), jnp.concatenate(his)
+  """Per sequence and key block (prefix blocks first): [lo, hi) of the query blocks that see it, `[b, nkt]`."""
+
+  def one(i: Ints):
+    los, his = [], []
+    if geo.num_prefix_blocks:
+      kb = jnp.arange(geo.num_prefix_blocks, dtype=jnp.int32)
+      los.append(jnp.zeros_like(kb))
+      his.append(jnp.where(kb < prefix_blocks(geo, i), geo.num_q_blocks, 0).astype(jnp.int32))
+    if geo.num_rest_blocks:
+      lo, hi = q_blocks_for_rest_block(geo, i, jnp.arange(geo.num_rest_blocks, dtype=jnp.int32))
+      los.append(lo)
+      his.append(hi)
+    return jnp.concatenate(los), jnp.concatenate(his)
+
+  return _per_sequence(one, ints)
 
 
 def _kv_block(geo: Geometry, t, lo, hi):
@@ -235,6 +252,8 @@ def _tpu_run_step(geo: Geometry, t, lo, hi, npd):
 def _tpu_forward(geo: Geometry, q, k, v, ints: Ints):
   b, h, g, bq, bk = geo.batch, geo.heads, geo.group, geo.block_q, geo.block_k
   lo, hi, npd = _fwd_tables(geo, ints)
+  lo, hi = lo.reshape(-1), hi.reshape(-1)  # SMEM tables, indexed [bi * nq + qi]
+  nq = geo.num_q_blocks
   nt = _fwd_steps(geo)
   seg = geo.has_segments
 
@@ -251,7 +270,7 @@ def _tpu_forward(geo: Geometry, q, k, v, ints: Ints):
       l_sc[...] = jnp.zeros(l_sc.shape, _F32)
       acc_sc[...] = jnp.zeros(acc_sc.shape, _F32)
 
-    lo_q, hi_q = lo_r[qi], hi_r[qi]
+    lo_q, hi_q = lo_r[bi * nq + qi], hi_r[bi * nq + qi]
 
     @pl.when(_tpu_run_step(geo, t, lo_q, hi_q, npd_r[0]))
     def _step():
@@ -270,7 +289,7 @@ def _tpu_forward(geo: Geometry, q, k, v, ints: Ints):
       lse_ref[...] = lse
 
   def kv_map(bi, hi_, qi, t, qoff, koff, plen, rlen, lo_r, hi_r, npd_r):
-    return bi, lax.div(hi_, g), _kv_block(geo, t, lo_r[qi], hi_r[qi]), 0
+    return bi, lax.div(hi_, g), _kv_block(geo, t, lo_r[bi * nq + qi], hi_r[bi * nq + qi]), 0
 
   def q_map(bi, hi_, qi, t, *_):
     return bi, hi_, qi, 0
@@ -285,7 +304,7 @@ def _tpu_forward(geo: Geometry, q, k, v, ints: Ints):
     in_specs += [
         pl.BlockSpec((None, bq, 1), lambda bi, hi_, qi, t, *_: (bi, qi, 0)),
         pl.BlockSpec((None, 1, bk), lambda bi, hi_, qi, t, qoff, koff, plen, rlen, lo_r, hi_r, npd_r: (
-            bi, 0, _rest_block(geo, _kv_block(geo, t, lo_r[qi], hi_r[qi])))),
+            bi, 0, _rest_block(geo, _kv_block(geo, t, lo_r[bi * nq + qi], hi_r[bi * nq + qi])))),
     ]
     args += [ints.q_seg[:, :, None], ints.k_seg[:, None, :]]
   out_specs = [
@@ -312,6 +331,8 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
 
   # dq: per query block, over its visible key blocks (the forward's grid).
   lo, hi, npd = _fwd_tables(geo, ints)
+  lo, hi = lo.reshape(-1), hi.reshape(-1)
+  nq = geo.num_q_blocks
   nt = _fwd_steps(geo)
 
   def dq_kernel(qoff, koff, plen, rlen, lo_r, hi_r, npd_r, q_ref, k_ref, v_ref, do_ref, l_ref, d_ref, *refs):
@@ -325,7 +346,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
     def _init():
       dq_sc[...] = jnp.zeros(dq_sc.shape, _F32)
 
-    lo_q, hi_q = lo_r[qi], hi_r[qi]
+    lo_q, hi_q = lo_r[bi * nq + qi], hi_r[bi * nq + qi]
 
     @pl.when(_tpu_run_step(geo, t, lo_q, hi_q, npd_r[0]))
     def _step():
@@ -342,7 +363,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
       dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
   def kv_map(bi, hi_, qi, t, qoff, koff, plen, rlen, lo_r, hi_r, npd_r):
-    return bi, lax.div(hi_, g), _kv_block(geo, t, lo_r[qi], hi_r[qi]), 0
+    return bi, lax.div(hi_, g), _kv_block(geo, t, lo_r[bi * nq + qi], hi_r[bi * nq + qi]), 0
 
   def q_map(bi, hi_, qi, t, *_):
     return bi, hi_, qi, 0
@@ -360,7 +381,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
     in_specs += [
         pl.BlockSpec((None, bq, 1), lambda bi, hi_, qi, t, *_: (bi, qi, 0)),
         pl.BlockSpec((None, 1, bk), lambda bi, hi_, qi, t, qoff, koff, plen, rlen, lo_r, hi_r, npd_r: (
-            bi, 0, _rest_block(geo, _kv_block(geo, t, lo_r[qi], hi_r[qi])))),
+            bi, 0, _rest_block(geo, _kv_block(geo, t, lo_r[bi * nq + qi], hi_r[bi * nq + qi])))),
     ]
     args += [ints.q_seg[:, :, None], ints.k_seg[:, None, :]]
   call = _tpu_call(
@@ -373,6 +394,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
 
   # dk, dv: per key block (and query head), over the query blocks that see it.
   qlo, qhi = _bwd_tables(geo, ints)
+  qlo, qhi = qlo.reshape(-1), qhi.reshape(-1)  # indexed [bi * nkt + kb]
   nkt = geo.num_prefix_blocks + geo.num_rest_blocks
   ns = _bwd_steps(geo)
 
@@ -388,7 +410,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
       dk_sc[...] = jnp.zeros(dk_sc.shape, _F32)
       dv_sc[...] = jnp.zeros(dv_sc.shape, _F32)
 
-    lo_k, hi_k = lo_r[kb], hi_r[kb]
+    lo_k, hi_k = lo_r[bi * nkt + kb], hi_r[bi * nkt + kb]
 
     @pl.when(t < hi_k - lo_k)
     def _step():
@@ -407,10 +429,10 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
       dv_ref[...] = dv_sc[...]
 
   def qb_map(bi, hi_, kb, t, qoff, koff, plen, rlen, lo_r, hi_r):
-    return bi, hi_, _q_block(geo, t, lo_r[kb], hi_r[kb]), 0
+    return bi, hi_, _q_block(geo, t, lo_r[bi * nkt + kb], hi_r[bi * nkt + kb]), 0
 
   def row_map(bi, hi_, kb, t, qoff, koff, plen, rlen, lo_r, hi_r):
-    return bi, hi_, 0, _q_block(geo, t, lo_r[kb], hi_r[kb])
+    return bi, hi_, 0, _q_block(geo, t, lo_r[bi * nkt + kb], hi_r[bi * nkt + kb])
 
   def kb_map(bi, hi_, kb, t, *_):
     return bi, lax.div(hi_, g), kb, 0
@@ -430,7 +452,7 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
   if seg:
     in_specs += [
         pl.BlockSpec((None, 1, bq), lambda bi, hi_, kb, t, qoff, koff, plen, rlen, lo_r, hi_r: (
-            bi, 0, _q_block(geo, t, lo_r[kb], hi_r[kb]))),
+            bi, 0, _q_block(geo, t, lo_r[bi * nkt + kb], hi_r[bi * nkt + kb]))),
         pl.BlockSpec((None, bk, 1), lambda bi, hi_, kb, t, *_: (bi, _rest_block(geo, kb), 0)),
     ]
     args += [ints.q_seg[:, None, :], ints.k_seg[:, :, None]]
@@ -483,7 +505,7 @@ def _meta(geo: Geometry, ints: Ints):
 def _triton_forward(geo: Geometry, q, k, v, ints: Ints):
   b, h, g, bq, bk = geo.batch, geo.heads, geo.group, geo.block_q, geo.block_k
   lo, hi, _ = _fwd_tables(geo, ints)
-  ranges = jnp.stack([lo, hi], axis=1)  # [nq, 2]
+  ranges = jnp.stack([lo, hi], axis=-1)  # [b, nq, 2]
   seg = geo.has_segments
 
   def kernel(meta_ref, rng_ref, q_ref, k_ref, v_ref, *refs):
@@ -524,7 +546,7 @@ def _triton_forward(geo: Geometry, q, k, v, ints: Ints):
   kv_map = lambda qi, bi, hi_: (bi, lax.div(hi_, g), 0, 0)
   in_specs = [
       pl.BlockSpec((None, 8), lambda qi, bi, hi_: (bi, 0)),
-      pl.BlockSpec((None, 2), lambda qi, bi, hi_: (qi, 0)),
+      pl.BlockSpec((None, None, 2), lambda qi, bi, hi_: (bi, qi, 0)),
       pl.BlockSpec((None, None, bq, geo.head_dim), q_map),
       pl.BlockSpec((None, None, geo.tk_pad, geo.head_dim), kv_map),
       pl.BlockSpec((None, None, geo.tk_pad, geo.v_dim), kv_map),
@@ -559,7 +581,7 @@ def _triton_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
 
   # dq: one program per query block, looping over its visible key blocks.
   lo, hi, _ = _fwd_tables(geo, ints)
-  ranges = jnp.stack([lo, hi], axis=1)
+  ranges = jnp.stack([lo, hi], axis=-1)  # [b, nq, 2]
 
   def dq_kernel(meta_ref, rng_ref, q_ref, k_ref, v_ref, do_ref, l_ref, d_ref, *refs):
     if seg:
@@ -595,7 +617,7 @@ def _triton_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
   kv_map = lambda qi, bi, hi_: (bi, lax.div(hi_, g), 0, 0)
   in_specs = [
       pl.BlockSpec((None, 8), lambda qi, bi, hi_: (bi, 0)),
-      pl.BlockSpec((None, 2), lambda qi, bi, hi_: (qi, 0)),
+      pl.BlockSpec((None, None, 2), lambda qi, bi, hi_: (bi, qi, 0)),
       pl.BlockSpec((None, None, bq, geo.head_dim), q_map),
       pl.BlockSpec((None, None, geo.tk_pad, geo.head_dim), kv_map),
       pl.BlockSpec((None, None, geo.tk_pad, geo.v_dim), kv_map),
@@ -619,7 +641,7 @@ def _triton_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
 
   # dk, dv: one program per key block and query head, looping over the query blocks that see it.
   qlo, qhi = _bwd_tables(geo, ints)
-  qranges = jnp.stack([qlo, qhi], axis=1)  # [nkt, 2]
+  qranges = jnp.stack([qlo, qhi], axis=-1)  # [b, nkt, 2]
   nkt = npb + geo.num_rest_blocks
 
   def dkdv_kernel(meta_ref, rng_ref, q_ref, k_ref, v_ref, do_ref, l_ref, d_ref, *refs):
@@ -652,7 +674,7 @@ def _triton_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
   out_map = lambda kb, bi, hi_: (bi, hi_, kb, 0)
   in_specs = [
       pl.BlockSpec((None, 8), lambda kb, bi, hi_: (bi, 0)),
-      pl.BlockSpec((None, 2), lambda kb, bi, hi_: (kb, 0)),
+      pl.BlockSpec((None, None, 2), lambda kb, bi, hi_: (bi, kb, 0)),
       pl.BlockSpec((None, None, geo.tq_pad, geo.head_dim), full_q),
       pl.BlockSpec((None, None, bk, geo.head_dim), kb_map),
       pl.BlockSpec((None, None, bk, geo.v_dim), kb_map),

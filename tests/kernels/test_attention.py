@@ -46,6 +46,10 @@ CASES = {
     "segments": dict(segments=True),
     "segments_prefix_window_noncausal": dict(segments=True, num_prefix=3, tk=40, causal=False, window=9),
     "fully_masked_rows": dict(kv_lengths=[0, 30], k_offset=16),
+    # Sequences at different positions: the kernels' per-sequence block ranges (a union would overflow
+    # the TPU grid's static bound on the key blocks a query block sees under a window).
+    "batch_offsets_window": dict(heads=2, kv_heads=1, tq=20, tk=64, num_prefix=4, q_offset=[36, 4], window=7,
+                                 kv_lengths=[64, 30]),
 }
 
 
@@ -218,12 +222,12 @@ def test_fully_masked_query_gives_zero_and_neg_inf():
 # ----------------------------------------------------------------------------------------------------------
 # Pallas kernels through the interpreter (slow: small shapes, blocks of 16).
 
-INTERPRET_CASES = ["prefix_window", "decode_step", "segments_prefix_window_noncausal"]
+INTERPRET_CASES = ["batch_offsets_window", "decode_step", "segments_prefix_window_noncausal"]
 
 
 def _small(name):
   # Fewer heads and one sequence: the interpreter's cost grows with the number of grid steps.
-  return _case(name, b=1, heads=2, kv_heads=1) if name != "decode_step" else _case(name, heads=2, kv_heads=1)
+  return _case(name, heads=2, kv_heads=1, b=2 if name in ("decode_step", "batch_offsets_window") else 1)
 
 
 @pytest.mark.timeout(240)
