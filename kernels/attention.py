@@ -2,16 +2,18 @@
 
 One op, several implementations (see `kernels.dispatch`): "reference" (materialized, the ground truth),
 "xla" (blockwise online softmax, the CPU path and the fallback), "pallas" / "pallas_interpret" (kernels).
+The blockwise ones share one `jax.custom_vjp` (`_blockwise_core`) whose backward recomputes block by block
+from the saved log-sum-exp and also takes a cotangent for lse. Internals: `attention_common` (padded layout,
+visibility rule, visible block ranges), `attention_xla`, `attention_pallas`.
 Layout is `[batch, seq, heads, head_dim]`, as in `jax.nn.dot_product_attention`.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kernels import attention_common as common
