@@ -152,7 +152,8 @@ def attention_blockwise(
       warn_fallback("attention", reason)
       impl, block_q, block_k = "xla", None, None
     else:
-      bq, bk = attention_pallas.default_blocks(impl, q.shape[1], k.shape[1] - num_prefix, q.shape[-1])
+      bq, bk = attention_pallas.default_blocks(
+          impl, q.shape[1], k.shape[1] - num_prefix, q.shape[-1], v.shape[-1], q.dtype.itemsize)
       block_q, block_k = block_q or bq, block_k or bk
   if impl == "xla":
     bq, bk = XLA_BLOCK_Q, XLA_BLOCK_K

@@ -50,13 +50,27 @@ def _next_pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def default_blocks(impl: str, tq: int, tk_rest: int, head_dim: int) -> tuple[int, int]:
-  """Block sizes per kernel variant. TPU: 128 (lane width), or the whole (8-rounded) length when shorter,
-  so every block is a multiple of (8, 128) or a full dimension. Triton: 64 (powers of two, >= 16 for
-  tl.dot), which keeps q, k, v and dO tiles within shared memory up to head_dim 256."""
+# Shared memory the Triton kernels' streamed tiles may take: a (k, v) or (q, dO) tile pair per pipeline
+# stage. 48 KiB fits the smallest target (T4: 64 KiB per block) with room for the resident q or k tile.
+TRITON_SMEM_BUDGET = 48 * 1024
+
+
+def _triton_block(d: int, dv: int, itemsize: int) -> int:
+  """Largest power-of-two tile rows (16..64) whose streamed tile pair fits TRITON_SMEM_BUDGET."""
+  for rows in (64, 32, 16):
+    if rows * (d + dv) * itemsize * TRITON_NUM_STAGES <= TRITON_SMEM_BUDGET:
+      return rows
+  return 0
+
+
+def default_blocks(impl: str, tq: int, tk_rest: int, d: int, dv: int, itemsize: int) -> tuple[int, int]:
+  """Block sizes per kernel variant. TPU: 128 (lane width), or the whole (16-rounded) length when shorter,
+  so every block is a multiple of (8, 128) (16 sublanes for bf16) or a full dimension; a few such tiles
+  take well under 1 MiB of VMEM. Triton: powers of two >= 16 (tl.dot) sized to TRITON_SMEM_BUDGET."""
   if impl.startswith("pallas_tpu"):
     return min(128, round_up(tq, 16)), min(128, round_up(max(tk_rest, 1), 16))
-  return min(64, max(16, _next_pow2(tq))), min(64, max(16, _next_pow2(max(tk_rest, 1))))
+  rows = _triton_block(d, dv, itemsize)
+  return min(rows, max(16, _next_pow2(tq))), min(rows, max(16, _next_pow2(max(tk_rest, 1))))
 
 
 def unsupported(impl: str, q, k, v, block_q, block_k) -> str | None:
@@ -71,6 +85,8 @@ def unsupported(impl: str, q, k, v, block_q, block_k) -> str | None:
   if d > 256 or dv > 256:
     return f"head_dim {d} / v_dim {dv} > 256 (tiles would not fit on-chip memory)"
   if impl.startswith("pallas_triton"):
+    if not _triton_block(d, dv, q.dtype.itemsize):
+      return f"head_dim {d} / v_dim {dv} in {q.dtype} on Triton (16-row tiles exceed shared memory)"
     for n in (d, dv):
       if n < 16 or n & (n - 1):
         return f"head_dim {n} on Triton (needs a power of two >= 16)"
