@@ -164,73 +164,93 @@ def xla_backward_pass(qeff, do, p, d_final):
 
   Returns (lambda_{n+1} for every chunk n `[b,h,n,K,V]`, lambda_0 = dLoss/dS_0 `[b,h,K,V]`).
   """
-  local = jnp.einsum("...ck,...cv->...kv", qeff, do, precision=_HI)
 
   def body(lam, xs):
-    p_n, l_n = xs
-    return l_n + apply_pt(p_n, lam), lam
+    p_n, qeff_n, do_n = xs
+    # Qeff_n^T dO_n inside the loop: no second [n, K, V] array alive next to lambda.
+    local = jnp.einsum("...ck,...cv->...kv", qeff_n, do_n, precision=_HI)
+    return local + apply_pt(p_n, lam), lam
 
   d_s0, lam_next = jax.lax.scan(
-      body, d_final, (jnp.moveaxis(p, 2, 0), jnp.moveaxis(local, 2, 0)), reverse=True)
+      body, d_final, tuple(jnp.moveaxis(x, 2, 0) for x in (p, qeff, do)), reverse=True)
   return jnp.moveaxis(lam_next, 0, 2), d_s0
 
 
-# Chunks per lax.map step of the parallel per-chunk work: bounds the live C x C temporaries (and their
+# Tokens per lax.map step of the parallel per-chunk work: bounds the live C x C temporaries (and their
 # autodiff residuals) to one group, so memory is O(seq * (K + V) + n_chunks * K * V) rather than
 # O(seq * C * #intermediates), while each step still batches enough chunks to keep matmuls efficient.
 GROUP_TOKENS = 1024
 
 
-def map_chunk_groups(fn: Callable, arrays, chunk_size: int):
-  """fn over groups of chunks: arrays (a pytree) have the chunk axis at 2; so do fn's outputs.
+def map_groups(fn: Callable, token_arrays, chunk_arrays, out_axes, chunk_size: int):
+  """fn over groups of whole chunks, written in place into the outputs.
 
-  The chunk axis is zero-padded to a multiple of the group; a zero chunk (g = beta = 0, k = q = v = 0) is a
-  valid, harmless input of `prep`, and its outputs are dropped.
+  token_arrays: tuple of `[b, t, ...]` (t = n * C, the token axis 1); chunk_arrays: tuple of `[b, h, n, ...]`
+  (the chunk axis 2). fn(token_group, chunk_group) returns a tuple whose i-th output has its group axis at
+  out_axes[i] (1: tokens, 2: chunks). A `fori_loop` slices the inputs and updates the outputs in place (a
+  `lax.map` over a reshaped copy would hold a second copy of every input and output); a last, shorter group
+  gets its own call.
   """
-  leaves = jax.tree.leaves(arrays)
-  n = leaves[0].shape[2]
+  n = chunk_arrays[0].shape[2] if chunk_arrays else token_arrays[0].shape[1] // chunk_size
   gs = max(1, min(n, GROUP_TOKENS // chunk_size))
-  ng = -(-n // gs)
-  if ng == 1:
-    return fn(arrays)
+  ng, rem = divmod(n, gs)
+  if ng == 1 and rem == 0:
+    return fn(token_arrays, chunk_arrays)
 
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, ng * gs - n)] + [(0, 0)] * (x.ndim - 3))
-    return jnp.moveaxis(x.reshape(x.shape[:2] + (ng, gs) + x.shape[3:]), 2, 0)
+  def inputs(first, size):
+    return (tuple(jax.lax.dynamic_slice_in_dim(x, first * chunk_size, size * chunk_size, 1) for x in token_arrays),
+            tuple(jax.lax.dynamic_slice_in_dim(x, first, size, 2) for x in chunk_arrays))
 
-  def merge(y):
-    y = jnp.moveaxis(y, 0, 2)
-    return y.reshape(y.shape[:2] + (ng * gs,) + y.shape[4:])[:, :, :n]
+  def update(outs, ys, first):
+    return tuple(jax.lax.dynamic_update_slice_in_dim(o, y, first * (chunk_size if ax == 1 else 1), ax)
+                 for o, y, ax in zip(outs, ys, out_axes))
 
-  return jax.tree.map(merge, jax.lax.map(fn, jax.tree.map(split, arrays)))
+  shapes = jax.eval_shape(lambda: fn(*inputs(0, gs)))
+  outs = tuple(jnp.zeros(y.shape[:ax] + (n * (chunk_size if ax == 1 else 1),) + y.shape[ax + 1:], y.dtype)
+               for y, ax in zip(shapes, out_axes))
+  outs = jax.lax.fori_loop(0, ng, lambda i, outs: update(outs, fn(*inputs(i * gs, gs)), i * gs), outs)
+  if rem:
+    outs = update(outs, fn(*inputs(ng * gs, rem)), ng * gs)
+  return outs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def chunked_scan(q, k, v, g, beta, s0, scale: float, delta: bool, fwd_pass: Callable, bwd_pass: Callable):
-  """Chunked scan on chunked float32 inputs (see `prep`); returns (o `[b,h,n,C,V]`, final `[b,h,K,V]`).
+def _prep_group(tokens, _, chunk_size, scale, delta):
+  q, k, v, g, beta = (to_chunks(x, chunk_size) for x in tokens)
+  return prep(q, k, v, g, beta, scale, delta)
 
-  fwd_pass / bwd_pass run the sequential state passes (XLA here, Pallas kernels in linear_scan_pallas).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def chunked_scan(q, k, v, g, beta, s0, chunk_size: int, scale: float, delta: bool, fwd_pass: Callable,
+                 bwd_pass: Callable):
+  """The chunked scan; q, k `[b, t, h, K]`, v `[b, t, h, V]`, g, beta `[b, t, h]` with t a multiple of
+  chunk_size (any dtype; math in float32), s0 `[b, h, K, V]` float32.
+
+  Returns (o `[b, t, h, V]` float32, final state `[b, h, K, V]`). fwd_pass / bwd_pass run the sequential state
+  passes (XLA here, Pallas kernels in linear_scan_pallas).
   """
-  return _chunked_scan_fwd(q, k, v, g, beta, s0, scale, delta, fwd_pass, bwd_pass)[0]
+  return _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, fwd_pass, bwd_pass)[0]
 
 
-def _chunked_scan_fwd(q, k, v, g, beta, s0, scale, delta, fwd_pass, bwd_pass):
-  c = q.shape[3]
-  qeff, ointra, p, bmat = map_chunk_groups(lambda a: prep(*a, scale, delta), (q, k, v, g, beta), c)
+def _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, fwd_pass, bwd_pass):
+  qeff, ointra, p, bmat = map_groups(
+      functools.partial(_prep_group, chunk_size=chunk_size, scale=scale, delta=delta), (q, k, v, g, beta), (),
+      (2, 2, 2, 2), chunk_size)
   o, starts, final = fwd_pass(qeff, ointra, p, bmat, s0)
-  # Residuals: the inputs, one state per chunk (not per token) and the per-chunk Qeff and P that the reverse
-  # state pass needs (the size of q and of the chunk states): everything else is recomputed.
-  return (o, final), (q, k, v, g, beta, starts, qeff, p)
+  # Residuals: the inputs themselves (no chunked copies), one state per chunk (not per token) and the
+  # per-chunk Qeff and P that the reverse state pass needs (the size of q and of the chunk states). All the
+  # C x C quantities are recomputed.
+  return (from_chunks(o, q.shape[1]), final), (q, k, v, g, beta, starts, qeff, p)
 
 
-def _chunked_scan_bwd(scale, delta, fwd_pass, bwd_pass, res, cts):
+def _chunked_scan_bwd(chunk_size, scale, delta, fwd_pass, bwd_pass, res, cts):
   q, k, v, g, beta, starts, qeff, p = res
   do, d_final = cts
-  lam_next, d_s0 = bwd_pass(qeff, do, p, d_final)
+  lam_next, d_s0 = bwd_pass(qeff, to_chunks(do, chunk_size), p, d_final)
 
-  def group_vjp(a):
-    q, k, v, g, beta, do, starts, lam_next = a
-    _, prep_vjp = jax.vjp(lambda *x: prep(*x, scale, delta), q, k, v, g, beta)
+  def group_vjp(tokens, chunks):
+    xs, do = tokens[:5], to_chunks(tokens[5], chunk_size)
+    starts, lam_next = chunks
+    _, prep_vjp = jax.vjp(lambda *x: _prep_group(x, None, chunk_size, scale, delta), *xs)
     d_qeff = jnp.einsum("...cv,...kv->...ck", do, starts, precision=_HI)
     if delta:
       d_p = jnp.einsum("...kv,...jv->...kj", lam_next, starts, precision=_HI)
@@ -238,8 +258,8 @@ def _chunked_scan_bwd(scale, delta, fwd_pass, bwd_pass, res, cts):
       d_p = jnp.sum(lam_next * starts, axis=(-2, -1))
     return prep_vjp((d_qeff, do, d_p, lam_next))
 
-  dq, dk, dv, dg, dbeta = map_chunk_groups(group_vjp, (q, k, v, g, beta, do, starts, lam_next), q.shape[3])
-  return dq, dk, dv, dg, dbeta, d_s0
+  grads = map_groups(group_vjp, (q, k, v, g, beta, do), (starts, lam_next), (1,) * 5, chunk_size)
+  return (*(d.astype(x.dtype) for d, x in zip(grads, (q, k, v, g, beta))), d_s0)
 
 
 chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
@@ -251,14 +271,16 @@ def run_chunked(q, k, v, g, beta, initial_state, scale: float, chunk_size: int,
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   delta = beta is not None
-  qc, kc, vc = (to_chunks(x, chunk_size) for x in (q, k, v))
   zeros = jnp.zeros((b, t, h), _F32)
-  gc = to_chunks(zeros if g is None else g, chunk_size)
+  g = zeros if g is None else g
   # Without the delta rule beta is unused: a zero placeholder keeps one custom_vjp signature.
-  bc = to_chunks(zeros if beta is None else beta, chunk_size)
+  beta = zeros if beta is None else beta
+  pad = -t % chunk_size
+  if pad:  # zero tokens at the end leave the state unchanged (g = 0, beta = 0, k = 0): exact
+    q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta))
   s0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
-  o, final = chunked_scan(qc, kc, vc, gc, bc, s0, scale, delta, fwd_pass, bwd_pass)
-  return from_chunks(o, t).astype(q.dtype), final
+  o, final = chunked_scan(q, k, v, g, beta, s0, chunk_size, scale, delta, fwd_pass, bwd_pass)
+  return o[:, :t].astype(q.dtype), final
 
 
 def linear_scan_xla(q, k, v, g, beta, initial_state, scale: float, chunk_size: int):
