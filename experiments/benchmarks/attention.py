@@ -12,6 +12,7 @@ without running them, for seq up to 16384 (the materialized forms would not fit 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Callable
 
 import jax
@@ -122,17 +123,22 @@ def main(argv: list[str]) -> None:
   else:
     time_seqs, mem_seqs = (512, 2048, 8192), (512, 2048, 8192, 16384)
   impls = ["xla", "reference", "dpa"]
+  # Other jobs on a shared machine slow every number; the load says how much to trust them.
+  load_start = os.getloadavg()[0]
   print(f"attention benchmark on {jax.default_backend()} (batch {BATCH}, heads {HEADS}, head_dim {HEAD_DIM}, "
-        f"float32; dpa = jax.nn.dot_product_attention)")
+        f"float32; dpa = jax.nn.dot_product_attention); load average {load_start:.2f} on {os.cpu_count()} CPUs")
   timing = run_timing(time_seqs, impls, args.iters)
   memory = run_memory(mem_seqs, impls)
   result = aims(timing, memory, mem_seqs[-1], time_seqs[1], time_seqs[-1])
+  load_end = os.getloadavg()[0]
   print("\ntime (seconds, median)")
   print(format_table(timing, ["seq", "mask", "impl", "fwd_s", "fwd_bwd_s"]))
   print("\npeak memory from the compiled programs' memory analysis (not run)")
   print(format_table(memory, ["seq", "mask", "impl", "fwd_peak_MiB", "fwd_bwd_peak_MiB", "fwd_bwd_temp_MiB"]))
   print("\naims")
   print(format_table(result, ["aim", "ratio", "target", "met"]))
+  print(f"load average at the end: {load_end:.2f}")
   write_json(args.out, {"config": {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "window": WINDOW,
                                    "quick": args.quick},
+                        "load_average": {"start": load_start, "end": load_end},
                         "timing": timing, "memory": memory, "aims": result})
