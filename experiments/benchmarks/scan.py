@@ -112,11 +112,14 @@ def _shapes(seq: int):
   return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.eval_shape(lambda: _inputs(seq))]
 
 
+COLUMNS = ["seq", "delta", "impl", "fwd_s", "fwd_bwd_s", "fwd_GFLOPs", "fwd_bwd_GFLOPs", "fwd_peak_MiB",
+           "fwd_bwd_peak_MiB"]
+
+
 def run(seqs, impls, chunk: int, iters: int) -> list[dict[str, Any]]:
   rows = []
   header_printed = False
-  cols = ["seq", "delta", "impl", "fwd_s", "fwd_bwd_s", "fwd_GFLOPs", "fwd_bwd_GFLOPs", "fwd_peak_MiB",
-          "fwd_bwd_peak_MiB"]
+  cols = COLUMNS
   for seq in seqs:
     data = _inputs(seq)
     shapes = _shapes(seq)
@@ -191,6 +194,9 @@ def main(argv: list[str]) -> None:
   print(f"this machine's float32 matmul (1024^3): {mm:.1f} GFLOP/s\n")
   rows = run(seqs, impls, args.chunk_size, iters)
   result = aims(rows, seqs[1], seqs[2])
+  print(f"\nlinear_scan: time (s, median), achieved GFLOP/s (analytic count; matmul here: {mm:.1f}), compiled peak "
+        "memory (MiB)")
+  print(format_table(rows, COLUMNS))
   print("\naims")
   print(format_table(result, ["aim", "ratio", "target", "met"]))
   write_json(args.out, {"config": {"batch": BATCH, "heads": HEADS, "k_dim": K_DIM, "v_dim": V_DIM,

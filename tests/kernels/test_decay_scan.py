@@ -50,8 +50,8 @@ def compare(h, grads, h_ref, grads_ref, tol):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("impl,dtype,t", [
-    ("xla", jnp.float32, 1), ("xla", jnp.float32, 130), ("xla", jnp.bfloat16, 37),
-    ("pallas_interpret", jnp.float32, 130), ("pallas_interpret", jnp.bfloat16, 9), ("auto", jnp.float32, 20),
+    ("xla", jnp.float32, 130), ("auto", jnp.bfloat16, 1),
+    ("pallas_interpret", jnp.float32, 130), ("pallas_interpret", jnp.bfloat16, 9),
 ])
 def test_pytree_with_h0(impl, dtype, t):
   a, x, h0 = make_tree(2, t, dtype)

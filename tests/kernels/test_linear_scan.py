@@ -87,20 +87,16 @@ def check_against_reference(impl, dtype, t, chunk_size, use_g, use_beta, use_s0,
   assert not bad, f"relative errors over tolerance {tol}: {bad} (all: {errors})"
 
 
-# (impl, dtype, seq, chunk_size, g, beta, initial_state, k_dim, v_dim): every option at least once.
+# (impl, dtype, seq, chunk_size, g, beta, initial_state, k_dim, v_dim): every option at least once (each
+# case costs a compilation of both impls' gradients, so the default run keeps few).
 DEFAULT_CASES = [
-    ("xla", jnp.float32, 1, 16, True, True, True, 16, 16),
-    ("xla", jnp.float32, 63, 16, False, True, False, 16, 16),
-    ("xla", jnp.float32, 64, 64, True, False, True, 16, 16),
-    ("xla", jnp.float32, 65, 32, True, True, True, 16, 32),
-    ("xla", jnp.float32, 500, 64, True, True, False, 32, 16),
-    ("xla", jnp.float32, 130, 32, False, False, False, 16, 16),
-    ("xla", jnp.bfloat16, 500, 32, True, True, True, 16, 16),
-    ("xla", jnp.bfloat16, 65, 16, True, False, False, 16, 16),
-    ("auto", jnp.float32, 40, 16, True, True, False, 16, 16),
+    ("auto", jnp.float32, 1, 16, True, True, True, 16, 16),
+    ("xla", jnp.float32, 63, 32, False, True, False, 16, 32),
+    ("xla", jnp.bfloat16, 64, 64, True, False, True, 16, 16),
+    ("xla", jnp.float32, 65, 16, True, True, True, 32, 16),
+    ("xla", jnp.bfloat16, 500, 64, True, True, False, 16, 16),
     ("pallas_interpret", jnp.float32, 63, 16, True, True, True, 16, 32),
-    ("pallas_interpret", jnp.float32, 40, 32, False, False, False, 16, 16),
-    ("pallas_interpret", jnp.bfloat16, 20, 16, True, False, True, 16, 16),
+    ("pallas_interpret", jnp.bfloat16, 20, 16, False, False, True, 16, 16),
 ]
 
 
@@ -134,24 +130,27 @@ def test_triton_kernel_interpreted():
   def fn(q, k, v, g, beta, s0):
     return linear_scan_pallas(q, k, v, g, beta, s0, 16**-0.5, 16, interpret=True, backend="triton")
 
-  check_against_reference(None, jnp.float32, 50, 16, True, True, True, 16, 32, fn=jax.jit(fn))
+  check_against_reference(None, jnp.float32, 40, 16, True, True, True, 16, 32, fn=jax.jit(fn))
 
 
 @pytest.mark.timeout(120)
 def test_chunk_groups(monkeypatch):
   """Several lax.map groups of chunks, with a padded last group and a padded last chunk."""
-  monkeypatch.setattr(linear_scan_xla, "GROUP_TOKENS", 32)
+  monkeypatch.setattr(linear_scan_xla, "GROUP_TOKENS", 64)  # 13 chunks: 3 groups of 4 and a group of 1
   check_against_reference("xla", jnp.float32, 200, 16, True, True, True)
 
 
 @pytest.mark.timeout(120)
 def test_fallback_warns_and_is_exact():
+  q, k, v, g, beta, s0 = make_inputs(1, 30, 2, 16, 16, jnp.float32, True, True, True)
   with pytest.warns(UserWarning, match="chunk_size=12"):
-    check_against_reference("pallas_interpret", jnp.float32, 30, 12, True, True, False)
+    o, s = linear_scan(q, k, v, g=g, beta=beta, initial_state=s0, chunk_size=12, impl="pallas_interpret")
+  o_r, s_r = linear_scan(q, k, v, g=g, beta=beta, initial_state=s0, impl="reference")
+  assert rel_err(o, o_r) < 1e-5 and rel_err(s, s_r) < 1e-5
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("impl", ["xla"])
 def test_chaining_two_calls(impl):
   q, k, v, g, beta, s0 = make_inputs(1, 70, 2, 16, 24, jnp.float32, True, True, True)
   o, s = linear_scan(q, k, v, g=g, beta=beta, initial_state=s0, chunk_size=16, impl=impl)
@@ -167,16 +166,16 @@ def test_chaining_two_calls(impl):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("use_beta", [False, True])
 def test_step_chain_equals_scan(use_beta):
-  q, k, v, g, beta, s0 = make_inputs(2, 20, 3, 8, 12, jnp.float32, True, use_beta, True)
-  o, s = linear_scan(q, k, v, g=g, beta=beta, initial_state=s0, impl="xla", chunk_size=8)
+  q, k, v, g, beta, s0 = make_inputs(2, 10, 3, 8, 12, jnp.float32, True, use_beta, True)
+  o, s = linear_scan(q, k, v, g=g, beta=beta, initial_state=s0, impl="reference")
+  step = jax.jit(linear_scan_step)
   state, outs = s0, []
   for t in range(q.shape[1]):
-    b_t = None if beta is None else beta[:, t]
     if t % 2:  # both accepted layouts: [b, h, d] and [b, 1, h, d]
-      o_t, state = linear_scan_step(q[:, t], k[:, t], v[:, t], state, g=g[:, t], beta=b_t)
+      o_t, state = step(q[:, t], k[:, t], v[:, t], state, g=g[:, t], beta=None if beta is None else beta[:, t])
     else:
-      o_t, state = linear_scan_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state, g=g[:, t:t + 1],
-                                    beta=None if beta is None else beta[:, t:t + 1])
+      sl = slice(t, t + 1)
+      o_t, state = step(q[:, sl], k[:, sl], v[:, sl], state, g=g[:, sl], beta=None if beta is None else beta[:, sl])
       o_t = o_t[:, 0]
     outs.append(o_t)
   assert rel_err(jnp.stack(outs, axis=1), o) < 1e-5
@@ -185,29 +184,21 @@ def test_step_chain_equals_scan(use_beta):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-def test_stability_strong_decay_and_extreme_beta(impl):
-  """g = -20 per token (state decays by e^-20 each step) and beta exactly 0 and 1: finite and exact."""
+def test_stability_strong_decay_and_extreme_beta():
+  """g = -20 per token (the state decays by e^-20 each step: every token on head 0, every third on head 1)
+  and beta exactly 0 and 1: finite outputs and gradients, and still equal to the reference."""
   q, k, v, _, _, s0 = make_inputs(1, 100, 2, 16, 16, jnp.float32, False, False, True)
   t_idx = jnp.arange(100)[None, :, None]
-  g = jnp.where(t_idx % 3 == 0, -20.0, -0.05) * jnp.ones((1, 100, 2))
+  head = jnp.arange(2)[None, None, :]
+  g = jnp.where((head == 0) | (t_idx % 3 == 0), -20.0, -0.05)
   beta = jnp.where(t_idx % 4 == 0, 0.0, 1.0) * jnp.ones((1, 100, 2))
-  o, s, grads = run_with_grads(scan_fn(impl, 32), q, k, v, g, beta, s0)
-  for x in [o, s, *grads.values()]:
+  o, s, grads = run_with_grads(scan_fn("xla", 32), q, k, v, g, beta, s0)
+  o_r, s_r, g_r = run_with_grads(scan_fn("reference", 32), q, k, v, g, beta, s0)
+  for x in [o, s, *grads.values(), o_r, s_r, *g_r.values()]:
     assert bool(jnp.all(jnp.isfinite(x)))
-  if impl == "xla":
-    o_r, s_r, g_r = run_with_grads(scan_fn("reference", 32), q, k, v, g, beta, s0)
-    assert rel_err(o, o_r) < 1e-5 and rel_err(s, s_r) < 1e-5
-    for n in g_r:
-      assert rel_err(grads[n], g_r[n]) < 1e-4, n
-
-
-@pytest.mark.timeout(60)
-def test_all_tokens_minus_20():
-  q, k, v, _, beta, _ = make_inputs(1, 64, 1, 8, 8, jnp.float32, False, True, False)
-  g = -20.0 * jnp.ones((1, 64, 1))
-  o, s, grads = run_with_grads(scan_fn("xla", 64), q, k, v, g, beta, None)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in [o, s, *grads.values()])
+  assert rel_err(o, o_r) < 1e-5 and rel_err(s, s_r) < 1e-5
+  for n in g_r:
+    assert rel_err(grads[n], g_r[n]) < 1e-4, n
 
 
 # ------------------------------------------------------------------------------------------------ export
