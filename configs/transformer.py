@@ -2,7 +2,7 @@ r"""Transformer++ (RoPE, GQA, SwiGLU, RMSNorm, no biases) on multi-query associa
 
   python -m experiments.run --config configs/transformer.py:size=tiny --workdir runs/transformer_tiny
 
-Sizes (`:size=`): tiny (trains on a laptop CPU in about a minute, MQAR 64 tokens / 4 pairs, vocab 256),
+Sizes (`:size=`): tiny (trains on a laptop CPU in a minute or two: MQAR, 64 tokens with 4, 8 and 16 pairs, vocab 256),
 small and base (MQAR with the Zoology vocabulary of 8192). Other `:arg` keys: `task=mqar|text`
 (text: byte-level LM on data.files, e.g. `--config.data.files=../shared/data/tinyshakespeare.txt`).
 Any value can be overridden, e.g. `--config.train.steps=200 --config.optim.lr=1e-3`.
@@ -16,7 +16,7 @@ from configs import base, common
 
 SIZES = {
     #         embed layers heads kv_heads mlp  batch steps  lr     vocab
-    "tiny": (64, 2, 4, 2, 192, 64, 600, 3e-3, 256),
+    "tiny": (64, 2, 4, 2, 192, 64, 800, 3e-3, 256),
     "small": (256, 4, 8, 4, 704, 64, 4000, 1e-3, 8192),
     "base": (768, 12, 12, 4, 2048, 128, 20000, 6e-4, 8192),
 }
@@ -50,10 +50,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown size {a.size!r}; choose one of {sorted(SIZES)}.")
   *_, batch, steps, lr, vocab = SIZES[a.size]
   if a.task == "mqar":
-    settings = ((64, 4),) if a.size == "tiny" else ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
+    # tiny trains on a mixture with more pairs per sequence: with only 4 pairs, guessing among the 4 values
+    # in context (25% accuracy) is a plateau that attention takes thousands of steps to leave; 8 and 16
+    # pairs make that guess poor and give 4x the answer positions per batch, so recall is learned in
+    # hundreds of steps (measured: 0.25 after 2000 steps on (64, 4) alone; 0.99 after 800 on the mixture).
+    settings = ((64, 4), (64, 8), (64, 16)) if a.size == "tiny" else ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
     data = common.mqar_data(
-        vocab_size=vocab, settings=settings, num_train_examples=20_000 if a.size == "tiny" else 100_000,
-        num_eval_examples=500 if a.size == "tiny" else 1_000,
+        vocab_size=vocab, settings=settings, num_train_examples=10_000 if a.size == "tiny" else 100_000,
+        num_eval_examples=256 if a.size == "tiny" else 1_000,
     )
   elif a.task == "text":
     data = common.mqar_data()
