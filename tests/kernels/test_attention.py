@@ -156,8 +156,12 @@ def _public(c, impl):
 
 
 # Cases whose options another default case already covers run in the slow grid only.
+# Default cases: causal (GQA 2), noncausal_tq_ne_tk (GQA 1), segments_window_lt_block,
+# batch_offsets_window (prefix + window + kv_lengths), prefill_chunk_window (window > block, GQA 4),
+# decode_step (prefix + kv_lengths), segments_prefix_window_noncausal.
 _SLOW_ONLY = ("prefix_no_window", "window_lt_block", "segments", "prefill_chunk", "kv_lengths_prefix",
-              "prefix_noncausal", "fully_masked_rows")
+              "prefix_noncausal", "fully_masked_rows", "window_gt_block", "prefix_window",
+              "prefix_noncausal_kv_lengths")
 
 
 @pytest.mark.timeout(120)
@@ -178,7 +182,7 @@ def test_xla_bf16(name):
 
 @pytest.mark.timeout(120)
 def test_public_default_blocks():
-  c = _case("prefix_window", tq=300, tk=306, heads=2, kv_heads=1, window=100)
+  c = _case("prefix_window", tq=140, tk=146, heads=2, kv_heads=1, window=50)  # 2 blocks of 128
   _compare(c, _public(c, "xla"), jnp.float32)
 
 
