@@ -2,7 +2,8 @@ r"""Transformer++ (RoPE, GQA, SwiGLU, RMSNorm, no biases) on multi-query associa
 
   python -m experiments.run --config configs/transformer.py:size=tiny --workdir runs/transformer_tiny
 
-Sizes (`:size=`): tiny (trains on a laptop CPU in a minute or two: MQAR, 64 tokens with 4, 8 and 16 pairs, vocab 256),
+Sizes (`:size=`): tiny (2 attention-only layers of width 64; trains on a laptop CPU in a couple of minutes:
+MQAR, 64 tokens with 4, 8 and 16 pairs, vocab 256),
 small and base (MQAR with the Zoology vocabulary of 8192). Other `:arg` keys: `task=mqar|text`
 (text: byte-level LM on data.files, e.g. `--config.data.files=../shared/data/tinyshakespeare.txt`).
 Any value can be overridden, e.g. `--config.train.steps=200 --config.optim.lr=1e-3`.
@@ -16,7 +17,7 @@ from configs import base, common
 
 SIZES = {
     #         embed layers heads kv_heads mlp  batch steps  lr     vocab
-    "tiny": (64, 2, 4, 2, 192, 64, 800, 3e-3, 256),
+    "tiny": (64, 2, 4, 2, 192, 64, 1000, 3e-3, 256),
     "small": (256, 4, 8, 4, 704, 64, 4000, 1e-3, 8192),
     "base": (768, 12, 12, 4, 2048, 128, 20000, 6e-4, 8192),
 }
@@ -35,6 +36,9 @@ def model_config(size: str, max_len: int) -> ml_collections.ConfigDict:
   c.head_dim = 0  # 0: embed_dim // num_heads
   c.mlp_dim = mlp  # SwiGLU hidden size
   c.rope_base = 10000.0
+  # "none": RoPE only (Transformer++). "learned": also add learned absolute position embeddings
+  # (GPT-2 / Zoology style), limited to max_len positions.
+  c.position_embedding = "none"
   c.window = 0  # 0: full causal attention; > 0: sliding-window attention over that many keys
   c.tie_embeddings = True
   c.norm_eps = 1e-6
@@ -65,9 +69,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.seq_len = 256 if a.size == "tiny" else 1024
   else:
     raise ValueError(f"unknown task {a.task!r}; choose mqar or text.")
-  return base.assemble(
-      model=model_config(a.size, data.seq_len),
-      data=data,
-      optim=base.optim_config(lr=lr, warmup_steps=min(100, steps // 10)),
-      train=base.train_config(steps=steps, batch_size=batch),
-  )
+  model = model_config(a.size, data.seq_len)
+  optim = base.optim_config(lr=lr, warmup_steps=min(100, steps // 10))
+  if a.size == "tiny" and a.task == "mqar":
+    # Measured on MQAR (64 tokens; 4, 8, 16 pairs), 2 layers of width 64, seed 0: with SwiGLU blocks and
+    # warmup + cosine + weight decay the model sits at the 25% plateau for 800+ steps; attention-only
+    # layers with a constant learning rate form the recall circuit after ~600 steps (0.87 at 800).
+    # Zoology's MQAR models likewise often use no MLP. Override layer_blocks to put the MLP back.
+    model.layer_blocks = ("attention",)
+    optim.schedule = "constant"
+    optim.weight_decay = 0.0
+  return base.assemble(model=model, data=data, optim=optim, train=base.train_config(steps=steps, batch_size=batch))

@@ -29,7 +29,7 @@ def make_model(**overrides):
   m.update(overrides)
   model = build_model(ml_collections.FrozenConfigDict(m))
   tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, VOCAB)
-  params = nn.meta.unbox(model.init(jax.random.key(1), tokens))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
   return model, params, tokens
 
 
@@ -105,9 +105,9 @@ def test_segment_ids_isolate_documents():
 def test_bad_input_errors():
   model, params, tokens = make_model()
   with pytest.raises(ValueError, match="token ids must be in"):
-    model.apply(params, tokens.at[0, 0].set(VOCAB))
+    model.apply(params, tokens.at[0, 0].set(VOCAB))  # eager: the ids are concrete, so they are checked
   with pytest.raises(ValueError, match=r"tokens must be \[batch, seq\]"):
-    model.apply(params, tokens[0])
+    jitted(model)(params, tokens[0])
   with pytest.raises(ValueError, match="unknown block type"):
     make_model(layer_blocks=("attention", "mpl"))
   with pytest.raises(ValueError, match="unknown model.name"):

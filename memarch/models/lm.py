@@ -51,6 +51,13 @@ class DecoderLM(nn.Module):
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         (c.vocab_size, c.embed_dim), jnp.float32,
     )
+    if c.get("position_embedding", "none") == "learned":
+      self.pos_embedding = self.param(
+          "pos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+          (c.max_len, c.embed_dim), jnp.float32,
+      )
+    elif c.get("position_embedding", "none") != "none":
+      raise ValueError(f"model.position_embedding must be 'none' or 'learned', got {c.position_embedding!r}.")
     self.blocks = [get_block(n)(c, name=f"block_{i}_{n}") for i, n in enumerate(self.block_names)]
     self.norms = [RMSNorm(c.norm_eps, name=f"norm_{i}") for i in range(len(self.block_names))]
     self.final_norm = RMSNorm(c.norm_eps, name="final_norm")
@@ -60,16 +67,28 @@ class DecoderLM(nn.Module):
           (c.embed_dim, c.vocab_size), jnp.float32,
       )
 
-  def _embed(self, tokens, inputs_embeds):
+  def _embed(self, tokens, inputs_embeds, positions):
     dtype = dtype_from_name(self.config.compute_dtype)
     if inputs_embeds is not None:
       if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.embed_dim:
         raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.embed_dim}], got {inputs_embeds.shape}.")
-      return inputs_embeds.astype(dtype)
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}.")
-    check_token_ids(tokens, self.config.vocab_size)
-    return jnp.take(self.embedding, tokens, axis=0).astype(dtype)
+      x = inputs_embeds
+    else:
+      if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}.")
+      check_token_ids(tokens, self.config.vocab_size)
+      x = jnp.take(self.embedding, tokens, axis=0)
+    if self.config.get("position_embedding", "none") == "learned":
+      x = x + jnp.take(self.pos_embedding, positions, axis=0)
+    return x.astype(dtype)
+
+  def _check_length(self, length: int) -> None:
+    c = self.config
+    if c.get("position_embedding", "none") == "learned" and length > c.max_len:
+      raise ValueError(
+          f"learned position embeddings cover model.max_len={c.max_len} positions; {length} were asked for. "
+          "Use position_embedding='none' (RoPE only) to run beyond the training length."
+      )
 
   def _stack(self, x, *, positions, segment_ids, caches=None, cache_index=None):
     """Runs the blocks. Returns (h_final_normed, ffn_input_of_last_mlp, new_caches)."""
@@ -105,11 +124,13 @@ class DecoderLM(nn.Module):
     Returns:
       logits `[batch, seq, vocab]` float32, or `(logits, hidden_dict)`.
     """
-    x = self._embed(tokens, inputs_embeds)
-    b, t = x.shape[:2]
+    if inputs_embeds is None and tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}.")
+    b, t = (tokens if inputs_embeds is None else inputs_embeds).shape[:2]
+    self._check_length(t)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = constrain(x, ACT)
+    x = constrain(self._embed(tokens, inputs_embeds, positions), ACT)
     h, ffn_input, _ = self._stack(x, positions=positions, segment_ids=segment_ids)
     logits = self._logits(h)
     if return_hidden:
@@ -123,6 +144,7 @@ class DecoderLM(nn.Module):
     Needs no parameters: call it on the unbound model.
     """
     c = self.config
+    self._check_length(max_len)
     names = tuple(c.layer_blocks) * c.num_layers
     return {
         "index": jnp.zeros((), jnp.int32),
@@ -130,8 +152,9 @@ class DecoderLM(nn.Module):
     }
 
   def _cached_forward(self, tokens, cache):
-    x = self._embed(tokens, None)
-    b, t = x.shape[:2]
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}.")
+    b, t = tokens.shape
     index = cache["index"]
     capacity = _cache_capacity(cache)
     if capacity is not None and _is_concrete(index) and int(index) + t > capacity:
@@ -140,6 +163,7 @@ class DecoderLM(nn.Module):
           "Call init_cache with a larger max_len."
       )
     positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self._embed(tokens, None, positions)
     h, _, caches = self._stack(x, positions=positions, segment_ids=None, caches=cache["layers"], cache_index=index)
     logits = self._logits(h)
     if capacity is not None:
