@@ -21,10 +21,11 @@ Everything then is affine in the chunk's start state:
 
 with Kdec = diag(exp(G_C - G)) K (for beta=None: w = 0, u = V, so P is the scalar gamma_C). `prep` computes
 (Qeff, Ointra, P, B) for all chunks at once (parallel, no state); the only sequential work is the state pass
-S_{n+1} = P_n S_n + B_n. The custom VJP keeps only the inputs and the chunk-start states S_n; its backward
-recomputes `prep` under `jax.vjp`, runs the reverse pass lambda_n = Qeff_n^T dO_n + P_n^T lambda_{n+1}
-(lambda = dLoss/dS_n) and pulls (dQeff, dOintra, dP, dB) = (dO_n S_n^T, dO_n, lambda_{n+1} S_n^T, lambda_{n+1})
-back through `prep`. No state per token is ever stored.
+S_{n+1} = P_n S_n + B_n. The custom VJP keeps the inputs, the chunk-start states S_n and the per-chunk Qeff_n
+and P_n (the size of q and of the chunk states); its backward runs the reverse pass
+lambda_n = Qeff_n^T dO_n + P_n^T lambda_{n+1} (lambda = dLoss/dS_n), then recomputes `prep` under `jax.vjp`
+group by group and pulls (dQeff, dOintra, dP, dB) = (dO_n S_n^T, dO_n, lambda_{n+1} S_n^T, lambda_{n+1}) back
+through it. No state per token and no C x C matrix of the whole sequence is ever stored.
 
 A sequence length that is not a multiple of C is padded with k = q = v = 0, g = 0, beta = 0: those tokens
 leave the state unchanged (exp(0) = 1, zero write), so padding is exact.
