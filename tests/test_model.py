@@ -25,7 +25,8 @@ def jitted(model, method=None, **kwargs):
 
 def make_model(**overrides):
   m = transformer.get_config("size=tiny").model.to_dict()
-  m.update(vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_heads=4, num_kv_heads=2, attention_impl="reference")
+  m.update(vocab_size=VOCAB, embed_dim=32, mlp_dim=64, num_heads=4, num_kv_heads=2, attention_impl="reference",
+           layer_blocks=("attention", "mlp"))
   m.update(overrides)
   model = build_model(ml_collections.FrozenConfigDict(m))
   tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, VOCAB)
@@ -46,7 +47,7 @@ def test_shapes_and_causality(overrides):
   assert np.abs(np.asarray(logits[:, t + 1 :] - logits2[:, t + 1 :])).max() > 1e-4
 
 
-@pytest.mark.parametrize("overrides", [{}, {"window": 4}])
+@pytest.mark.parametrize("overrides", [{}, {"window": 4}, {"position_embedding": "learned"}])
 def test_prefill_then_decode_matches_parallel_forward(overrides):
   model, params, tokens = make_model(**overrides)
   full = jitted(model)(params, tokens)
@@ -80,6 +81,14 @@ def test_cache_overflow_is_a_clear_error():
   _, cache = jitted(model, "prefill")(params, tokens[:, :8], cache)
   logits, _ = jitted(model, "decode_step")(params, tokens[:, 8], cache)
   assert np.isnan(np.asarray(logits)).all()
+
+
+def test_learned_positions_are_limited_to_max_len():
+  model, params, tokens = make_model(position_embedding="learned", max_len=16)
+  with pytest.raises(ValueError, match="learned position embeddings cover model.max_len=16"):
+    model.init_cache(2, 17)
+  with pytest.raises(ValueError, match="learned position embeddings"):
+    jitted(model)(params, jnp.zeros((1, 17), jnp.int32))
 
 
 def test_inputs_embeds_and_return_hidden():

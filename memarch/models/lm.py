@@ -118,7 +118,7 @@ class DecoderLM(nn.Module):
       tokens: `[batch, seq]` int32 (ignored if inputs_embeds is given; may then be None).
       inputs_embeds: optional `[batch, seq, embed]`, replaces the token embedding.
       return_hidden: also return `{"hidden": final normed hidden [b, t, e], "ffn_input": normed input of
-        the last block's feed-forward layer [b, t, e]}`.
+        the last block's feed-forward layer [b, t, e], None if the stack has no "mlp" block}`.
       segment_ids: optional `[batch, seq]` packed-document ids (attention does not cross them).
       positions: optional `[batch, seq]` RoPE positions (default 0..seq-1).
     Returns:
