@@ -180,7 +180,7 @@ def xla_backward_pass(qeff, do, p, d_final):
 # Tokens per lax.map step of the parallel per-chunk work: bounds the live C x C temporaries (and their
 # autodiff residuals) to one group, so memory is O(seq * (K + V) + n_chunks * K * V) rather than
 # O(seq * C * #intermediates), while each step still batches enough chunks to keep matmuls efficient.
-GROUP_TOKENS = 1024
+GROUP_TOKENS = 512
 
 
 def map_groups(fn: Callable, token_arrays, chunk_arrays, out_axes, chunk_size: int):
