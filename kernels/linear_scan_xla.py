@@ -147,16 +147,31 @@ def apply_pt(p: jax.Array, s: jax.Array) -> jax.Array:
   return p[..., None, None] * s
 
 
+def _chunk(x: jax.Array, i) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(x, i, axis=2, keepdims=False)
+
+
 def xla_forward_pass(qeff, ointra, p, bmat, s0):
-  """State pass. Returns (o `[b,h,n,C,V]`, chunk-start states `[b,h,n,K,V]`, final state `[b,h,K,V]`)."""
+  """State pass. Returns (o `[b,h,n,C,V]`, chunk-start states `[b,h,n,K,V]`, final state `[b,h,K,V]`).
 
-  def body(s, xs):
-    p_n, b_n = xs
-    return apply_p(p_n, s) + b_n, s
+  A fori_loop indexes the chunk axis in place (a scan over moveaxis'd inputs would copy every input), and
+  o = Qeff S + Ointra is formed group by group so each matmul's operands stay in cache: on this CPU a single
+  batched matmul over a 16k-token sequence ran ~3x slower per FLOP than over 4k.
+  """
+  n = bmat.shape[2]
 
-  final, starts = jax.lax.scan(body, s0, (jnp.moveaxis(p, 2, 0), jnp.moveaxis(bmat, 2, 0)))
-  starts = jnp.moveaxis(starts, 0, 2)
-  o = jnp.einsum("...ck,...kv->...cv", qeff, starts, precision=_HI) + ointra
+  def body(i, carry):
+    s, starts = carry
+    starts = jax.lax.dynamic_update_slice_in_dim(starts, s[:, :, None], i, axis=2)
+    return apply_p(_chunk(p, i), s) + _chunk(bmat, i), starts
+
+  final, starts = jax.lax.fori_loop(0, n, body, (s0, jnp.zeros(bmat.shape, _F32)))
+
+  def out(_, chunks):
+    qeff_g, starts_g, ointra_g = chunks
+    return (jnp.einsum("...ck,...kv->...cv", qeff_g, starts_g, precision=_HI) + ointra_g,)
+
+  (o,) = map_groups(out, (), (qeff, starts, ointra), (2,), qeff.shape[3])
   return o, starts, final
 
 
@@ -165,16 +180,19 @@ def xla_backward_pass(qeff, do, p, d_final):
 
   Returns (lambda_{n+1} for every chunk n `[b,h,n,K,V]`, lambda_0 = dLoss/dS_0 `[b,h,K,V]`).
   """
+  n = p.shape[2]
 
-  def body(lam, xs):
-    p_n, qeff_n, do_n = xs
-    # Qeff_n^T dO_n inside the loop: no second [n, K, V] array alive next to lambda.
-    local = jnp.einsum("...ck,...cv->...kv", qeff_n, do_n, precision=_HI)
-    return local + apply_pt(p_n, lam), lam
+  def body(j, carry):
+    lam, lam_next = carry
+    i = n - 1 - j
+    lam_next = jax.lax.dynamic_update_slice_in_dim(lam_next, lam[:, :, None], i, axis=2)
+    # Qeff_n^T dO_n inside the loop: no second [n, K, V] array next to lambda.
+    local = jnp.einsum("...ck,...cv->...kv", _chunk(qeff, i), _chunk(do, i), precision=_HI)
+    return local + apply_pt(_chunk(p, i), lam), lam_next
 
-  d_s0, lam_next = jax.lax.scan(
-      body, d_final, tuple(jnp.moveaxis(x, 2, 0) for x in (p, qeff, do)), reverse=True)
-  return jnp.moveaxis(lam_next, 0, 2), d_s0
+  d_s0, lam_next = jax.lax.fori_loop(0, n, body, (d_final, jnp.zeros(d_final.shape[:2] + (n,) + d_final.shape[2:],
+                                                                   _F32)))
+  return lam_next, d_s0
 
 
 # Tokens per lax.map step of the parallel per-chunk work: bounds the live C x C temporaries (and their
