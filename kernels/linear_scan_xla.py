@@ -202,12 +202,12 @@ GROUP_TOKENS = 512
 
 
 def map_groups(fn: Callable, token_arrays, chunk_arrays, out_axes, chunk_size: int):
-  """fn over groups of whole chunks, written in place into the outputs.
+  """fn over groups of whole chunks.
 
   token_arrays: tuple of `[b, t, ...]` (t = n * C, the token axis 1); chunk_arrays: tuple of `[b, h, n, ...]`
   (the chunk axis 2). fn(token_group, chunk_group) returns a tuple whose i-th output has its group axis at
-  out_axes[i] (1: tokens, 2: chunks). A `fori_loop` slices the inputs and updates the outputs in place (a
-  `lax.map` over a reshaped copy would hold a second copy of every input and output); a last, shorter group
+  out_axes[i] (1: tokens, 2: chunks). A `lax.scan` over group indices slices the inputs where they lie (a
+  `lax.map` over reshaped inputs would first copy every input) and stacks the outputs; a last, shorter group
   gets its own call.
   """
   n = chunk_arrays[0].shape[2] if chunk_arrays else token_arrays[0].shape[1] // chunk_size
@@ -220,16 +220,19 @@ def map_groups(fn: Callable, token_arrays, chunk_arrays, out_axes, chunk_size: i
     return (tuple(jax.lax.dynamic_slice_in_dim(x, first * chunk_size, size * chunk_size, 1) for x in token_arrays),
             tuple(jax.lax.dynamic_slice_in_dim(x, first, size, 2) for x in chunk_arrays))
 
-  def update(outs, ys, first):
-    return tuple(jax.lax.dynamic_update_slice_in_dim(o, y, first * (chunk_size if ax == 1 else 1), ax)
-                 for o, y, ax in zip(outs, ys, out_axes))
+  def merge(y, ax):
+    # [ng, ..., gs * size, ...] -> [..., ng * gs * size, ...]
+    y = jnp.moveaxis(y, 0, ax)
+    return y.reshape(y.shape[:ax] + (y.shape[ax] * y.shape[ax + 1],) + y.shape[ax + 2:])
 
-  shapes = jax.eval_shape(lambda: fn(*inputs(0, gs)))
-  outs = tuple(jnp.zeros(y.shape[:ax] + (n * (chunk_size if ax == 1 else 1),) + y.shape[ax + 1:], y.dtype)
-               for y, ax in zip(shapes, out_axes))
-  outs = jax.lax.fori_loop(0, ng, lambda i, outs: update(outs, fn(*inputs(i * gs, gs)), i * gs), outs)
+  # Stacked scan outputs rather than a fori_loop carrying the outputs with dynamic_update_slice: with the
+  # latter, fwd+bwd at 16k tokens took 6-7x the time at 4k on this CPU (measured; presumably copies of the
+  # carried outputs), with stacked outputs ~3.9x.
+  _, ys = jax.lax.scan(lambda c, i: (c, fn(*inputs(i * gs, gs))), None, jnp.arange(ng))
+  outs = tuple(merge(y, ax) for y, ax in zip(ys, out_axes))
   if rem:
-    outs = update(outs, fn(*inputs(ng * gs, rem)), ng * gs)
+    tail = fn(*inputs(ng * gs, rem))
+    outs = tuple(jnp.concatenate([o, y], axis=ax) for o, y, ax in zip(outs, tail, out_axes))
   return outs
 
 
