@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.harness import compiled_memory_bytes, format_table, time_fn, write_json
+from experiments.benchmarks.harness import compiled_memory_bytes, find_row, format_table, time_fn, write_json
 from kernels import attention
 
 BATCH, HEADS, HEAD_DIM, WINDOW = 1, 8, 64, 512
@@ -83,26 +83,19 @@ def run_memory(seqs, impls) -> list[dict[str, Any]]:
   return rows
 
 
-def _find(rows, **kw):
-  for r in rows:
-    if all(r.get(k) == v for k, v in kw.items()):
-      return r
-  return None
-
-
 def aims(timing, memory, big: int, mid: int, long: int) -> list[dict[str, Any]]:
   """The issue's three aims as ratios (None where a number is missing)."""
   out = []
-  mx, md = _find(memory, seq=big, impl="xla"), _find(memory, seq=big, impl="dpa")
+  mx, md = find_row(memory, seq=big, impl="xla"), find_row(memory, seq=big, impl="dpa")
   if mx and md:
     r = mx["fwd_bwd_peak_MiB"] / md["fwd_bwd_peak_MiB"]
     out.append({"aim": f"memory xla/dpa fwd+bwd @ {big}", "ratio": r, "target": "< 0.125", "met": r < 0.125})
-  tx, td = _find(timing, seq=mid, impl="xla", mask="causal"), _find(timing, seq=mid, impl="dpa", mask="causal")
+  tx, td = find_row(timing, seq=mid, impl="xla", mask="causal"), find_row(timing, seq=mid, impl="dpa", mask="causal")
   if tx and td:
     r = tx["fwd_bwd_s"] / td["fwd_bwd_s"]
     out.append({"aim": f"time xla/dpa fwd+bwd @ {mid}", "ratio": r, "target": "<= 1.5", "met": r <= 1.5})
-  tc = _find(timing, seq=long, impl="xla", mask="causal")
-  tw = _find(timing, seq=long, impl="xla", mask=f"window{WINDOW}")
+  tc = find_row(timing, seq=long, impl="xla", mask="causal")
+  tw = find_row(timing, seq=long, impl="xla", mask=f"window{WINDOW}")
   if tc and tw:
     for key, label in (("fwd_s", "fwd"), ("fwd_bwd_s", "fwd+bwd")):
       r = tc[key] / tw[key]

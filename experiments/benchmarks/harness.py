@@ -72,6 +72,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
   return "\n".join(lines)
 
 
+def find_row(rows: Sequence[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+  """The first row whose values equal all of `match` (None if there is none)."""
+  for r in rows:
+    if all(r.get(k) == v for k, v in match.items()):
+      return r
+  return None
+
+
 def environment() -> dict[str, Any]:
   """What the numbers were measured on."""
   return {

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.harness import compiled_memory_bytes, format_table, matmul_gflops, time_fn, write_json
+from experiments.benchmarks.harness import compiled_memory_bytes, find_row, format_table, matmul_gflops, time_fn, write_json
 from kernels import linear_scan
 
 BATCH, HEADS, K_DIM, V_DIM = 1, 4, 64, 64
@@ -147,19 +147,12 @@ def run(seqs, impls, chunk: int, iters: int) -> list[dict[str, Any]]:
   return rows
 
 
-def _find(rows, **kw):
-  for r in rows:
-    if all(r.get(k) == v for k, v in kw.items()):
-      return r
-  return None
-
-
 def aims(rows, mid: int, long: int) -> list[dict[str, Any]]:
   """The issue's aims as ratios (missing numbers are skipped)."""
   out = []
   for delta in (False, True):
     tag = "delta" if delta else "hebbian"
-    x, r = _find(rows, seq=mid, delta=delta, impl="xla"), _find(rows, seq=mid, delta=delta, impl="reference")
+    x, r = find_row(rows, seq=mid, delta=delta, impl="xla"), find_row(rows, seq=mid, delta=delta, impl="reference")
     if x and r and r.get("fwd_bwd_s"):
       ratio = r["fwd_bwd_s"] / x["fwd_bwd_s"]
       out.append({"aim": f"{tag}: reference/xla fwd+bwd time @ {mid}", "ratio": ratio, "target": ">= 5",
@@ -168,7 +161,7 @@ def aims(rows, mid: int, long: int) -> list[dict[str, Any]]:
       ratio = x["fwd_bwd_peak_MiB"] / r["fwd_bwd_peak_MiB"]
       out.append({"aim": f"{tag}: xla/reference fwd+bwd memory @ {mid}", "ratio": ratio, "target": "<= 0.125",
                   "met": ratio <= 0.125})
-    xl = _find(rows, seq=long, delta=delta, impl="xla")
+    xl = find_row(rows, seq=long, delta=delta, impl="xla")
     if x and xl:
       for key, label in (("fwd_bwd_s", "time"), ("fwd_bwd_peak_MiB", "memory")):
         ratio = xl[key] / x[key]
