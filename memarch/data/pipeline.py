@@ -37,9 +37,11 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 class BatchSource(Protocol):
   """A random-access source whose `__getitems__(indices)` returns a dict of [len(indices), T] arrays."""
 
-  def __len__(self) -> int: ...
+  def __len__(self) -> int:
+    """Number of examples."""
 
-  def __getitems__(self, indices: Sequence[int]) -> dict[str, np.ndarray]: ...
+  def __getitems__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """The examples at `indices`, stacked: each value `[len(indices), T]`."""
 
 
 @dataclasses.dataclass(frozen=True)
