@@ -118,6 +118,15 @@ def _tile_visible(geo: Geometry, qi, slot, qoff, koff, plen, rlen, q_seg, k_seg)
   return jnp.where(slot < geo.prefix_pad, slot < plen, rest_vis)
 
 
+def _block_visible(geo: Geometry, q_block, k_block, bq: int, bk: int, qoff, koff, plen, rlen, q_seg, k_seg,
+                   *, keys_first: bool = False):
+  """_tile_visible for query block q_block x key block k_block: [bq, bk], or [bk, bq] if keys_first."""
+  shape, q_axis = ((bk, bq), 1) if keys_first else ((bq, bk), 0)
+  qidx = q_block * bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+  slot = k_block * bk + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+  return _tile_visible(geo, qidx, slot, qoff, koff, plen, rlen, q_seg, k_seg)
+
+
 def _fwd_tile(geo: Geometry, q, k, v, vis, m, l, acc):
   """One online-softmax step. q [bq, d], k [bk, d], v [bk, dv], vis [bq, bk]; m, l [bq, 1]; acc [bq, dv]."""
   s = lax.dot_general(q, k, _NT, preferred_element_type=_F32) * geo.scale
@@ -291,10 +300,8 @@ def _tpu_forward(geo: Geometry, q, k, v, ints: Ints):
     @pl.when(_tpu_run_step(geo, t, lo_q, hi_q, npd_r[0]))
     def _step():
       kb = _kv_block(geo, t, lo_q, hi_q)
-      qidx = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-      slot = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-      vis = _tile_visible(geo, qidx, slot, qoff[bi], koff[bi], plen[bi], rlen[bi],
-                          qs_ref[...] if seg else None, ks_ref[...] if seg else None)
+      vis = _block_visible(geo, qi, kb, bq, bk, qoff[bi], koff[bi], plen[bi], rlen[bi],
+                           qs_ref[...] if seg else None, ks_ref[...] if seg else None)
       m, l, acc = _fwd_tile(geo, q_ref[...], k_ref[...], v_ref[...], vis, m_sc[...], l_sc[...], acc_sc[...])
       m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
@@ -367,10 +374,8 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
     @pl.when(_tpu_run_step(geo, t, lo_q, hi_q, npd_r[0]))
     def _step():
       kb = _kv_block(geo, t, lo_q, hi_q)
-      qidx = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-      slot = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-      vis = _tile_visible(geo, qidx, slot, qoff[bi], koff[bi], plen[bi], rlen[bi],
-                          qs_ref[...] if seg else None, ks_ref[...] if seg else None)
+      vis = _block_visible(geo, qi, kb, bq, bk, qoff[bi], koff[bi], plen[bi], rlen[bi],
+                           qs_ref[...] if seg else None, ks_ref[...] if seg else None)
       dq_sc[...] = _dq_tile(geo, q_ref[...], k_ref[...], v_ref[...], do_ref[...], l_ref[...], d_ref[...], vis,
                             dq_sc[...])
 
@@ -431,10 +436,8 @@ def _tpu_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
     @pl.when(t < hi_k - lo_k)
     def _step():
       qb = _q_block(geo, t, lo_k, hi_k)
-      qidx = qb * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-      slot = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
-      vis_t = _tile_visible(geo, qidx, slot, qoff[bi], koff[bi], plen[bi], rlen[bi],
-                            qs_ref[...] if seg else None, ks_ref[...] if seg else None)
+      vis_t = _block_visible(geo, qb, kb, bq, bk, qoff[bi], koff[bi], plen[bi], rlen[bi],
+                             qs_ref[...] if seg else None, ks_ref[...] if seg else None, keys_first=True)
       dk, dv = _dkdv_tile(geo, q_ref[...], k_ref[...], v_ref[...], do_ref[...], l_ref[...], d_ref[...], vis_t,
                           dk_sc[...], dv_sc[...])
       dk_sc[...], dv_sc[...] = dk, dv

@@ -27,6 +27,7 @@ from memarch import data as data_lib
 from memarch import sharding as shard_lib
 from memarch.metrics import MetricWriter, Progress
 from memarch.models import build_model
+from memarch.models.lm import check_token_ids
 from memarch.optim import make_optimizer, make_schedule
 
 
@@ -124,12 +125,7 @@ def create_train_state(model, optimizer, *, seq_len: int, rng, mesh, rules):
 def check_batch(batch: dict[str, np.ndarray], vocab_size: int) -> None:
   """Host-side checks before a batch reaches the device: token ids in the vocabulary."""
   for key in ("inputs", "targets"):
-    x = batch[key]
-    if x.size and (x.min() < 0 or x.max() >= vocab_size):
-      raise ValueError(
-          f"batch['{key}'] has token ids in [{x.min()}, {x.max()}], outside the model's vocabulary "
-          f"[0, {vocab_size}). Check data.vocab_size / model.vocab_size."
-      )
+    check_token_ids(batch[key], vocab_size, what=f"batch['{key}'] token ids")
 
 
 def evaluate(eval_step_fn, params, eval_sets, *, mesh, vocab_size: int, max_batches: int = 0) -> dict[str, float]:

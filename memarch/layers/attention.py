@@ -9,16 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch.layers.common import apply_rope, dense, dtype_from_name, param_with_axes
-
-_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
-
-def _out_init(num_layers: int):
-  # Residual-branch output projections are scaled down with depth (GPT-2 / Llama style) so the
-  # residual stream's variance does not grow with the number of blocks.
-  return nn.initializers.variance_scaling(1.0 / max(1, 2 * num_layers), "fan_in", "truncated_normal")
-
+from memarch.layers.common import apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 
 class Attention(nn.Module):
   """Causal multi-head self-attention with RoPE and GQA.
@@ -47,11 +38,11 @@ class Attention(nn.Module):
     dtype = dtype_from_name(c.compute_dtype)
     heads, kv_heads, head_dim = self._dims()
     e = x.shape[-1]
-    wq = param_with_axes(self, "wq", _init, (e, heads, head_dim), ("embed", "heads", "kv"))
-    wk = param_with_axes(self, "wk", _init, (e, kv_heads, head_dim), ("embed", "heads", "kv"))
-    wv = param_with_axes(self, "wv", _init, (e, kv_heads, head_dim), ("embed", "heads", "kv"))
+    wq = param_with_axes(self, "wq", dense_init, (e, heads, head_dim), ("embed", "heads", "kv"))
+    wk = param_with_axes(self, "wk", dense_init, (e, kv_heads, head_dim), ("embed", "heads", "kv"))
+    wv = param_with_axes(self, "wv", dense_init, (e, kv_heads, head_dim), ("embed", "heads", "kv"))
     wo = param_with_axes(
-        self, "wo", lambda k, s, d: _out_init(c.num_layers)(k, (heads * head_dim, e), d).reshape(s),
+        self, "wo", lambda k, s, d: residual_out_init(c.num_layers)(k, (heads * head_dim, e), d).reshape(s),
         (heads, head_dim, e), ("heads", "kv", "embed"),
     )
     x = x.astype(dtype)

@@ -17,6 +17,16 @@ import jax.numpy as jnp
 ACT = ("act_batch", "act_length", "act_embed")
 
 
+# Projections: truncated normal with fan-in scaling.
+dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def residual_out_init(num_layers: int):
+  """Init of a residual branch's output projection, scaled down with depth (GPT-2 / Llama style) so the
+  residual stream's variance does not grow with the number of blocks."""
+  return nn.initializers.variance_scaling(1.0 / max(1, 2 * num_layers), "fan_in", "truncated_normal")
+
+
 def dtype_from_name(name: str) -> jnp.dtype:
   """'float32' | 'bfloat16' | 'float16' -> jnp dtype, with a clear error otherwise."""
   table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -8,8 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.attention import _init, _out_init
-from memarch.layers.common import dense, dtype_from_name, param_with_axes
+from memarch.layers.common import dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 
 
 class SwiGLU(nn.Module):
@@ -25,9 +24,9 @@ class SwiGLU(nn.Module):
     c = self.config
     dtype = dtype_from_name(c.compute_dtype)
     e = x.shape[-1]
-    w_gate = param_with_axes(self, "w_gate", _init, (e, c.mlp_dim), ("embed", "mlp"))
-    w_up = param_with_axes(self, "w_up", _init, (e, c.mlp_dim), ("embed", "mlp"))
-    w_down = param_with_axes(self, "w_down", _out_init(c.num_layers), (c.mlp_dim, e), ("mlp", "embed"))
+    w_gate = param_with_axes(self, "w_gate", dense_init, (e, c.mlp_dim), ("embed", "mlp"))
+    w_up = param_with_axes(self, "w_up", dense_init, (e, c.mlp_dim), ("embed", "mlp"))
+    w_down = param_with_axes(self, "w_down", residual_out_init(c.num_layers), (c.mlp_dim, e), ("mlp", "embed"))
     x = x.astype(dtype)
     h = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
     h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))

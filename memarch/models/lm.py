@@ -24,7 +24,7 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_token_ids(tokens, vocab_size: int) -> None:
+def check_token_ids(tokens, vocab_size: int, what: str = "token ids") -> None:
   """Raises ValueError if concrete token ids fall outside [0, vocab_size) (no-op under tracing)."""
   if tokens is None or not _is_concrete(tokens):
     return
@@ -33,7 +33,10 @@ def check_token_ids(tokens, vocab_size: int) -> None:
     return
   lo, hi = int(ids.min()), int(ids.max())
   if lo < 0 or hi >= vocab_size:
-    raise ValueError(f"token ids must be in [0, {vocab_size}) (the model's vocab_size); got min {lo}, max {hi}.")
+    raise ValueError(
+        f"{what} must be in [0, {vocab_size}) (the model's vocab_size); got min {lo}, max {hi}. "
+        "Check data.vocab_size / model.vocab_size."
+    )
 
 
 class DecoderLM(nn.Module):
