@@ -1,0 +1,250 @@
+r"""Model comparison under one protocol: same data, steps, batch and length for every model; for each, the
+best of a small learning-rate sweep; one seed, stated.
+
+  python -m experiments.sweep --name mqar_linear --task mqar256 --lrs 1e-3,3e-3,1e-2 \
+      --set train.steps=400 --set train.batch_size=32 \
+      --configs transformer=configs/transformer.py:size=tiny gdn=configs/gated_deltanet.py:size=tiny
+
+Every (config, lr) trains with `memarch.train.train_and_evaluate` in `<workdir>/<label>/lr<lr>` (default
+workdir runs/sweep_<name>; re-running skips finished runs and resumes unfinished ones). The best lr per model
+is the one with the highest mean eval accuracy over the eval sets. Prints a table (one row per model: best lr,
+accuracy per eval set, tokens/s in training, parameters, decoding state bytes per sequence at the training
+length) and writes `bench_results/sweep_<name>.json` and a plot of accuracy per eval set (and against state
+size) next to it.
+
+`--task` replaces every config's data section with a shared one (so all models see the same data):
+  mqar256   MQAR (Zoology), seq 256 with 16, 32 and 64 key-value pairs, vocabulary 512
+  (none)    keep each config's own data section (then they must agree: checked)
+`--set key=value` overrides apply to every config (values parsed as Python literals where possible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import common
+
+TASKS = ("mqar256",)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py:arg' -> get_config(arg) of that file."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found (from {spec!r}).")
+  module_spec = importlib.util.spec_from_file_location(f"_sweep_cfg_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """'a.b.c=value' on a locked config: an unknown key is an error naming the valid ones."""
+  if "=" not in item:
+    raise ValueError(f"--set {item!r} must look like section.key=value.")
+  key, value = item.split("=", 1)
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise KeyError(f"--set {item!r}: no section {p!r}; valid: {sorted(node.keys())}.")
+    node = node[p]
+  if leaf not in node:
+    raise KeyError(f"--set {item!r}: no key {leaf!r}; valid: {sorted(node.keys())}.")
+  old = node[leaf]
+  new = parse_value(value)
+  if isinstance(old, float) and isinstance(new, int):
+    new = float(new)
+  if isinstance(old, tuple) and isinstance(new, list):
+    new = tuple(new)
+  node[leaf] = new
+
+
+def task_data(task: str) -> ml_collections.ConfigDict:
+  if task == "mqar256":
+    return common.mqar_data(vocab_size=512, settings=((256, 16), (256, 32), (256, 64)), num_train_examples=20_000,
+                            num_eval_examples=256)
+  raise ValueError(f"unknown --task {task!r}; known: {TASKS}.")
+
+
+def prepare(spec: str, task: str | None, overrides: list[str], lr: float) -> ml_collections.ConfigDict:
+  config = load_config(spec)
+  with config.unlocked():
+    if task:
+      config.data = task_data(task)
+      config.model.max_len = config.data.seq_len
+    config.train.progress = "lines"
+    config.train.checkpoint_every = 0  # only at the end: the sweep's runs are short
+  for item in overrides:
+    apply_override(config, item)
+  config.optim.lr = lr
+  return config
+
+
+def model_sizes(config) -> tuple[int, int]:
+  """(parameters, bytes of one sequence's decoding state at the training length (attention: its KV cache))."""
+  from memarch import data as data_lib  # noqa: PLC0415
+  from memarch.models import build_model  # noqa: PLC0415
+  from memarch.train import resolve_model_config  # noqa: PLC0415
+
+  model = build_model(resolve_model_config(config, data_lib.data_info(config.data)))
+  cache = jax.eval_shape(lambda: model.init_cache(1, config.data.seq_len))
+  tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jax.numpy.int32)
+  params = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  return int(count), int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache)))
+
+
+def train_tokens_per_sec(workdir: str) -> float | None:
+  """Median training tokens/s over the logged intervals after the first (which includes compilation)."""
+  from memarch.metrics import read_metrics  # noqa: PLC0415
+
+  rates = [m["tokens_per_sec"] for m in read_metrics(workdir) if m["split"] == "train" and "tokens_per_sec" in m]
+  rates = rates[1:] or rates
+  return float(np.median(rates)) if rates else None
+
+
+def run_one(config, workdir: str) -> dict[str, Any]:
+  final = os.path.join(workdir, "final_metrics.json")
+  if os.path.exists(final):
+    with open(final) as f:
+      done = json.load(f)
+    if done.get("step") == config.train.steps:
+      print(f"  {workdir}: finished earlier, reusing its metrics", flush=True)
+      return done
+  from memarch.train import train_and_evaluate  # noqa: PLC0415
+
+  result = train_and_evaluate(config, workdir)
+  return {"step": result.step, "eval": result.eval_metrics, "train": result.train_metrics}
+
+
+def mean_accuracy(eval_metrics: dict[str, float]) -> float:
+  accs = [v for k, v in eval_metrics.items() if k.endswith("/accuracy")]
+  return float(np.mean(accs)) if accs else float("nan")
+
+
+def plot(summary: dict[str, Any], out: str) -> str:
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  models = summary["models"]
+  sets = summary["eval_sets"]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / max(1, len(models))
+  for i, m in enumerate(models):
+    xs = np.arange(len(sets)) + i * width
+    axes[0].bar(xs, [m["accuracy"].get(s, np.nan) for s in sets], width, label=f"{m['label']} (lr {m['best_lr']:g})")
+  axes[0].set_xticks(np.arange(len(sets)) + 0.4 - width / 2, sets, fontsize=8)
+  axes[0].set_ylabel("eval accuracy")
+  axes[0].set_ylim(0, 1)
+  axes[0].legend(fontsize=7)
+  axes[0].set_title(f"{summary['name']}: best lr per model")
+  for m in models:
+    axes[1].scatter(m["state_bytes"], m["mean_accuracy"])
+    axes[1].annotate(m["label"], (m["state_bytes"], m["mean_accuracy"]), fontsize=8)
+  axes[1].set_xscale("log")
+  axes[1].set_xlabel("decoding state bytes per sequence (at the training length)")
+  axes[1].set_ylabel("mean eval accuracy")
+  axes[1].grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--name", required=True, help="name of the comparison (output files and default workdir)")
+  p.add_argument("--configs", nargs="+", required=True, metavar="LABEL=CONFIG[:ARG]")
+  p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated learning rates tried for every model")
+  p.add_argument("--task", choices=TASKS, default=None, help="shared data section (see above)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--workdir", default=None, help="default runs/sweep_<name>")
+  p.add_argument("--out", default=None, help="default bench_results/sweep_<name>.json")
+  args = p.parse_args(argv)
+  lrs = [float(x) for x in args.lrs.split(",") if x]
+  root = args.workdir or os.path.join("runs", f"sweep_{args.name}")
+  out = args.out or os.path.join("bench_results", f"sweep_{args.name}.json")
+  specs = []
+  for item in args.configs:
+    label, sep, spec = item.partition("=")
+    if not sep:
+      raise ValueError(f"--configs entry {item!r} must look like label=configs/x.py:arg.")
+    specs.append((label, spec))
+
+  # Build every config first: a typo in one fails before any training starts.
+  configs = {(label, lr): prepare(spec, args.task, args.overrides, lr) for label, spec in specs for lr in lrs}
+  protocols = {(json.dumps(c.data.to_dict(), sort_keys=True, default=str), c.train.steps, c.train.batch_size,
+                c.train.seed) for c in configs.values()}
+  if len(protocols) != 1:
+    raise ValueError("the configs disagree on data, steps, batch, length or seed; use --task and --set so that "
+                     "every model is trained under the same protocol.")
+  first = next(iter(configs.values()))
+  print(f"sweep {args.name}: {len(specs)} models x lrs {lrs}; data {first.data.name} "
+        f"(settings {first.data.get('mqar', {}).get('settings', '')}), steps {first.train.steps}, batch "
+        f"{first.train.batch_size}, seq {first.data.seq_len}, seed {first.train.seed}", flush=True)
+
+  runs = []
+  for (label, lr), config in configs.items():
+    workdir = os.path.join(root, label, f"lr{lr:g}")
+    print(f"\n== {label} lr {lr:g} -> {workdir}", flush=True)
+    t0 = time.time()
+    done = run_one(config, workdir)
+    runs.append({"label": label, "lr": lr, "workdir": workdir, "eval": done["eval"],
+                 "mean_accuracy": mean_accuracy(done["eval"]), "tokens_per_sec": train_tokens_per_sec(workdir),
+                 "wall_s": time.time() - t0})
+
+  eval_sets = sorted({k.rsplit("/", 1)[0] for r in runs for k in r["eval"] if k.endswith("/accuracy")})
+  models = []
+  for label, spec in specs:
+    mine = [r for r in runs if r["label"] == label]
+    best = max(mine, key=lambda r: -1.0 if math.isnan(r["mean_accuracy"]) else r["mean_accuracy"])
+    config = configs[(label, best["lr"])]
+    n_params, n_state = model_sizes(config)
+    models.append({
+        "label": label, "config": spec, "best_lr": best["lr"], "mean_accuracy": best["mean_accuracy"],
+        "accuracy": {s: best["eval"].get(f"{s}/accuracy") for s in eval_sets},
+        "all_lrs": {f"{r['lr']:g}": r["mean_accuracy"] for r in mine},
+        "tokens_per_sec": best["tokens_per_sec"], "state_bytes": n_state, "params": n_params,
+    })
+  summary = {"name": args.name, "protocol": {"task": args.task, "steps": first.train.steps,
+                                             "batch_size": first.train.batch_size, "seq_len": first.data.seq_len,
+                                             "seed": first.train.seed, "lrs": lrs, "overrides": args.overrides},
+             "eval_sets": eval_sets, "models": models, "runs": runs}
+
+  from experiments.benchmarks.harness import format_table, write_json  # noqa: PLC0415
+
+  table = [{"model": m["label"], "best_lr": m["best_lr"], **{s: m["accuracy"][s] for s in eval_sets},
+            "mean_acc": m["mean_accuracy"], "tokens/s": m["tokens_per_sec"], "params": m["params"], "state_KiB": m["state_bytes"] / 1024,
+            "acc@lrs": " ".join(f"{k}:{v:.3f}" for k, v in m["all_lrs"].items())} for m in models]
+  print(f"\nsweep {args.name}: accuracy of the best lr per model (seed {first.train.seed})")
+  print(format_table(table, list(table[0])))
+  write_json(out, summary)
+  print(f"wrote {plot(summary, os.path.splitext(out)[0] + '.png')}")
+  return summary
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
