@@ -16,6 +16,7 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,18 +64,38 @@ def _model_inputs(batch):
   return dict(segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
 
 
-def make_train_step(model, optimizer, schedule):
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch))
-    sums = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+def training_loss(model, params, batch):
+  """The training objective: token cross-entropy plus the auxiliary losses the blocks sow.
 
+  Blocks may `sow("losses", name, value)` (already scaled, e.g. MoM's load balancing) and
+  `sow("metrics", name, value)`; the sown losses are summed into the objective, and each sown metric name is
+  averaged over the blocks that sow it. Evaluation applies the model without these collections (no aux loss).
+  Returns `(objective, (sums from cross_entropy, metrics))`; metrics holds "loss" (the cross-entropy alone,
+  comparable across models), "aux_loss" if any block sows a loss, and the sown metrics.
+  """
+  logits, sown = model.apply(
+      {"params": params}, batch["inputs"], **_model_inputs(batch), mutable=["losses", "metrics"])
+  sums = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+  metrics = {"loss": loss}
+  aux = jax.tree.leaves(sown.get("losses", {}))
+  if aux:
+    metrics["aux_loss"] = sum(jnp.sum(a) for a in aux)
+  grouped: dict[str, list] = {}
+  for path, values in traverse_util.flatten_dict(sown.get("metrics", {})).items():
+    grouped.setdefault(path[-1], []).extend(values)
+  metrics.update({name: jnp.mean(jnp.stack(vals)) for name, vals in grouped.items()})
+  return loss + metrics.get("aux_loss", 0.0), (sums, metrics)
+
+
+def make_train_step(model, optimizer, schedule):
   def train_step(state: TrainState, batch):
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (_, (sums, metrics)), grads = jax.value_and_grad(
+        functools.partial(training_loss, model), has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": loss,
+        **metrics,
         "accuracy": sums["correct_sum"] / jnp.maximum(sums["count"], 1.0),
         "grad_norm": optax.global_norm(grads),
         "lr": schedule(state.step),
