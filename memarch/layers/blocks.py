@@ -23,6 +23,8 @@ BLOCKS = {
     "neural_memory": "memarch.layers.neural_memory:NeuralMemory",
     "mac": "memarch.layers.titans:MemoryAsContext",
     "mag": "memarch.layers.titans:MemoryAsGate",
+    # sliding-window attention with persistent memory and a fixed-size cache (the attention of MAL)
+    "window_attention": "memarch.layers.titans:WindowAttention",
 }
 
 

@@ -1,0 +1,86 @@
+r"""Titans (neural long-term memory; MAC, MAG, MAL, LMM) on multi-query associative recall.
+
+  python -m experiments.run --config configs/titans.py:variant=mac,size=tiny --workdir runs/titans_mac_tiny
+
+Variants (`:variant=`), the block types of one layer (memarch.layers.blocks; repeated num_layers times):
+  mac: ("mac", "mlp")                                   memory as context (segments + retrieval + attention)
+  mag: ("mag", "mlp")                                   memory as gate (sliding-window attention x memory)
+  mal: ("neural_memory", "window_attention", "mlp")     memory as layer, then sliding-window attention
+  lmm: ("neural_memory", "mlp")                         the neural memory alone, no attention
+Sizes (`:size=`): tiny (width 64, 2 layers, 4 heads; the tiny MQAR task of configs/transformer.py: 64
+tokens with 4, 8 and 16 pairs, vocab 256, and its training settings, so the two compare directly), small
+and base (MQAR with the Zoology vocabulary, as configs/transformer.py). `task=mqar|text` as in
+configs/transformer.py. Every value can be overridden, e.g. `--config.model.memory_chunk_size=8`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base, transformer
+
+VARIANTS = {
+    "mac": ("mac", "mlp"),
+    "mag": ("mag", "mlp"),
+    "mal": ("neural_memory", "window_attention", "mlp"),
+    "lmm": ("neural_memory", "mlp"),
+}
+
+SIZES = {
+    #         embed layers heads mlp   window segment persistent chunk
+    "tiny": (64, 2, 4, 192, 32, 32, 4, 16),
+    "small": (256, 4, 8, 704, 128, 128, 16, 16),
+    "base": (768, 12, 12, 2048, 512, 512, 32, 16),
+}
+
+
+def model_config(variant: str, size: str, max_len: int) -> ml_collections.ConfigDict:
+  embed, layers, heads, mlp, window, segment, persistent, chunk = SIZES[size]
+  c = ml_collections.ConfigDict()
+  # DecoderLM assembles any stack of registered block types; its registry name is "transformer".
+  c.name = "transformer"
+  c.vocab_size = 0  # 0: take the data's vocabulary size
+  c.embed_dim = embed
+  c.num_layers = layers
+  c.layer_blocks = VARIANTS[variant]  # the block types of one layer
+  c.num_heads = heads  # attention heads and memory heads
+  c.num_kv_heads = 0  # attention GQA (0: num_heads)
+  c.head_dim = 0  # 0: embed_dim // num_heads (attention and memory heads)
+  c.mlp_dim = mlp  # SwiGLU hidden size
+  c.rope_base = 10000.0
+  c.position_embedding = "none"  # RoPE only in the attention; the memory is position-free
+  # Attention (mag, mal, mac).
+  c.window = window  # sliding window of the attention in mag and mal (keys per query); also the cache size
+  c.num_persistent = persistent  # learned persistent-memory tokens in front of every attention's keys
+  c.segment_len = segment  # mac: tokens per segment (attention sees one segment + its retrieved memory)
+  # The neural memory (memarch.layers.neural_memory; memarch.memory.neural).
+  c.memory_depth = 2  # layers of the per-head memory MLP (1: a matrix, a linear memory)
+  c.memory_expansion = 4  # hidden size = expansion * head_dim (depth >= 2)
+  c.memory_activation = "silu"  # "silu" | "gelu"
+  c.memory_residual = False  # M(x) = x + MLP(x)
+  # Tokens per chunk of the parallel form (gradients inside a chunk at the chunk's starting weights; 1 is
+  # the exact token recurrence, slower). Decoding always runs the exact recurrence.
+  c.memory_chunk_size = chunk
+  c.memory_read = "after"  # "after" (M_{W_t}(q_t)) | "before" (M_{W_{t-1}}(q_t)) | "chunk_start" (approximate)
+  c.theta_max = 0.5  # inner learning rate theta = theta_max * sigmoid(.); depth 1: delta rule with beta <= 1
+  c.conv_width = 4  # short causal depthwise convolution on q, k, v
+  c.tie_embeddings = True
+  c.norm_eps = 1e-6
+  c.max_len = max_len  # the training length (the caches have a fixed size: generation runs beyond it)
+  c.compute_dtype = "float32"  # "bfloat16" on TPU and recent GPUs; parameters and memory state stay float32
+  c.attention_impl = "auto"  # kernels.attention impl: auto | xla | pallas | pallas_interpret | reference
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = base.parse_arg(arg, variant="mac", size="tiny", task="mqar")
+  if a.variant not in VARIANTS:
+    raise ValueError(f"unknown variant {a.variant!r}; choose one of {sorted(VARIANTS)}.")
+  if a.size not in SIZES:
+    raise ValueError(f"unknown size {a.size!r}; choose one of {sorted(SIZES)}.")
+  # The data, optimizer and training sections of the Transformer++ config of the same size and task:
+  # the same data, steps, batch and learning-rate schedule, so the families compare directly.
+  ref = transformer.get_config(f"size={a.size},task={a.task}")
+  copy = lambda section: ml_collections.ConfigDict(section.to_dict())
+  model = model_config(a.variant, a.size, ref.data.seq_len)
+  return base.assemble(model=model, data=copy(ref.data), optim=copy(ref.optim), train=copy(ref.train))

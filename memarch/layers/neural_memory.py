@@ -1,0 +1,258 @@
+"""Titans' neural long-term memory as a sequence-mixing block (block type "neural_memory"; LMM and MAL).
+
+Per token t and head (Behrouz et al., "Titans: Learning to Memorize at Test Time", 2024):
+
+    q_t, k_t, v_t = SiLU(ShortConv(x W_q)), SiLU(ShortConv(x W_k)), SiLU(ShortConv(x W_v))   per head, size d
+    q_t, k_t      <- q_t / ||q_t||, k_t / ||k_t||
+    theta_t = theta_max * sigmoid(x_t w_theta + b_theta)    inner learning rate, in (0, theta_max)
+    eta_t   = sigmoid(x_t w_eta + b_eta)                      momentum (past surprise kept), in (0, 1)
+    alpha_t = sigmoid(x_t w_alpha + b_alpha)                  forgetting (weight decay), in (0, 1)
+    S_t = eta_t S_{t-1} - theta_t grad_W ||M_W(k_t) - v_t||^2 |_{W_{t-1}}     (chunked: at chunk-start W)
+    W_t = (1 - alpha_t) W_{t-1} + S_t
+    o_t = M_{W_t}(q_t)   ("after", default)  or  M_{W_{t-1}}(q_t)   ("before")
+    y_t = W_o [ RMSNorm(o_t) * SiLU(x_t W_g) ]                per head, then heads merged
+
+M_W is an MLP per head (`memarch.memory.neural`, depth L, hidden expansion * d); its initial weights W_0
+are learned parameters, broadcast over the batch; the momentum S starts at zero. The math of the memory,
+the chunked parallel form and its gradients live in `memarch.memory.neural`; this module adds the
+projections, the convolutions, the gates, the norm and the output gate.
+
+Gate initialization (the biases; chosen so a freshly initialized memory learns but stays stable):
+theta starts at theta_max / 2 (bias 0; with theta_max = 0.5 a depth-1 memory's step equals a delta rule
+with beta = 2 theta <= 1, DeltaNet's stable range), eta at sigmoid(0) = 0.5 (moderate momentum), alpha at
+sigmoid(-5) ~ 0.007 (almost no forgetting at the start: the memory keeps what it writes until the model
+learns when to forget).
+
+Config keys (model section): embed_dim, num_heads, head_dim (0: embed_dim // num_heads), conv_width,
+memory_depth, memory_expansion, memory_activation ("silu" | "gelu"), memory_residual (M(x) = x + MLP(x)),
+memory_chunk_size (tokens per chunk of the parallel form: gradients inside a chunk are taken at the chunk's
+starting weights), memory_read ("after" | "before" | "chunk_start"), theta_max, norm_eps, compute_dtype,
+num_layers.
+
+Decoding. The cache is `{"weights", "momentum", "conv_q", "conv_k", "conv_v"}`: the memory state (tuples
+of float32 `[batch, heads, d_in, d_out]`, a fixed size whatever the context) and the short convolutions'
+last inputs. A fresh cache (`init_cache`, which has no parameters) holds zero weights; while
+`cache_index == 0` the layer uses its learned initial weights instead. A call with a cache continues the
+recurrence from the cached state: one token goes through `neural.step` (the exact token recurrence, i.e.
+chunk size 1), several through `neural.chunked_update` with chunks counted from the call's first token.
+So prefill + decode equals the parallel forward exactly when memory_chunk_size = 1. With chunks of b > 1
+tokens the parallel forward takes each chunk's gradients at the chunk's starting weights; a cached
+continuation reproduces that only for calls that start at multiples of b, and decoding always follows the
+exact per-token recurrence (chunk-1 semantics; the chunked form is its mini-batch approximation).
+
+Packed documents (`segment_ids`) do not reset the memory: as DESIGN.md states, memory models carry their
+state across documents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
+from memarch.layers.short_conv import ShortConv
+from memarch.memory import neural
+
+READ_MODES = ("after", "before", "chunk_start")
+
+# Gate bias initialization (see the module docstring): theta, eta, alpha.
+GATE_BIAS_INIT = (0.0, 0.0, -5.0)
+
+
+def memory_spec(config) -> neural.MemorySpec:
+  """The per-head memory MLP described by the model config."""
+  c = config
+  return neural.MemorySpec(
+      dim=head_dim(c), depth=int(c.memory_depth), expansion=int(c.memory_expansion),
+      activation=str(c.memory_activation), residual=bool(c.memory_residual),
+  )
+
+
+def head_dim(config) -> int:
+  return config.head_dim or config.embed_dim // config.num_heads
+
+
+def check_config(config) -> None:
+  """Clear errors for a bad neural-memory configuration."""
+  c = config
+  if c.memory_depth < 1:
+    raise ValueError(f"model.memory_depth must be >= 1, got {c.memory_depth}.")
+  if c.memory_depth >= 2 and c.memory_expansion < 1:
+    raise ValueError(f"model.memory_expansion must be >= 1, got {c.memory_expansion}.")
+  if c.memory_activation not in ("silu", "gelu"):
+    raise ValueError(f"model.memory_activation must be 'silu' or 'gelu', got {c.memory_activation!r}.")
+  if c.memory_chunk_size < 1:
+    raise ValueError(f"model.memory_chunk_size must be >= 1, got {c.memory_chunk_size}.")
+  if c.memory_read not in READ_MODES:
+    raise ValueError(f"model.memory_read must be one of {READ_MODES}, got {c.memory_read!r}.")
+  if not c.theta_max > 0:
+    raise ValueError(f"model.theta_max must be > 0, got {c.theta_max}.")
+  if c.conv_width < 1:
+    raise ValueError(f"model.conv_width must be >= 1, got {c.conv_width}.")
+  if not c.head_dim and c.embed_dim % c.num_heads:
+    raise ValueError(f"model.embed_dim ({c.embed_dim}) must be a multiple of num_heads ({c.num_heads}) "
+                     "when head_dim is 0.")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / ||x|| over the last axis, in float32 (then x's dtype)."""
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def select_initial(cache_weights, init_weights, cache_index):
+  """The cached memory weights, or the learned initial weights while nothing has been written
+  (cache_index == 0: a fresh cache from `init_cache`, which cannot see the parameters, holds zeros)."""
+  fresh = jnp.asarray(cache_index) == 0
+  return tuple(jnp.where(fresh, w0, w) for w0, w in zip(init_weights, cache_weights))
+
+
+class NeuralMemory(nn.Module):
+  """The Titans neural memory block. See the module docstring for the math, knobs and cache.
+
+  Call: x `[batch, seq, embed]` (pre-normed), positions/segment_ids (unused: the memory is position-free
+  and carries across documents), cache (see `init_cache`) and cache_index (tokens already seen) ->
+  `(y [batch, seq, embed] in the compute dtype, new_cache or None)`.
+
+  The pieces are methods so that the MAC block can run them on its own streams: `project` (q, k, v and
+  gates of an input), `query` (q only), `initial_state`, `update` and `output`.
+  """
+
+  config: Any
+
+  def setup(self):
+    c = self.config
+    check_config(c)
+    e, h, d = c.embed_dim, c.num_heads, head_dim(c)
+    self.spec = memory_spec(c)
+    self.wq = param_with_axes(self, "wq", dense_init, (e, h, d), ("embed", "heads", "kv"))
+    self.wk = param_with_axes(self, "wk", dense_init, (e, h, d), ("embed", "heads", "kv"))
+    self.wv = param_with_axes(self, "wv", dense_init, (e, h, d), ("embed", "heads", "kv"))
+    self.conv_q = ShortConv(c.conv_width, "silu", name="conv_q")
+    self.conv_k = ShortConv(c.conv_width, "silu", name="conv_k")
+    self.conv_v = ShortConv(c.conv_width, "silu", name="conv_v")
+    # theta, eta, alpha logits: one [embed, 3, heads] projection (one matmul) plus per-head biases.
+    self.w_gates = param_with_axes(self, "w_gates", dense_init, (e, 3, h), ("embed", None, "heads"))
+    self.b_gates = param_with_axes(
+        self, "b_gates", lambda k, s, dt: jnp.broadcast_to(jnp.asarray(GATE_BIAS_INIT, dt)[:, None], s),
+        (3, h), (None, "heads"),
+    )
+    # The learnable initial memory W_0: one parameter per MLP layer, [heads, d_in, d_out].
+    self.memory_init = [
+        param_with_axes(
+            self, f"memory_w{i}", lambda key, s, dt, i=i: neural.init_weights(key, self.spec, h)[i],
+            shape, ("heads", None, None),
+        )
+        for i, shape in enumerate(self._memory_shapes())
+    ]
+    self.out_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype), name="out_norm")
+    self.w_out_gate = param_with_axes(self, "w_out_gate", dense_init, (e, h, d), ("embed", "heads", "kv"))
+    self.wo = param_with_axes(
+        self, "wo", lambda k, s, dt: residual_out_init(c.num_layers)(k, (h * d, e), dt).reshape(s),
+        (h, d, e), ("heads", "kv", "embed"),
+    )
+
+  def _memory_shapes(self):
+    """Shapes `[heads, d_in, d_out]` of the memory MLP's weights (from init_weights, without computing it)."""
+    h = self.config.num_heads
+    shapes = jax.eval_shape(lambda: neural.init_weights(jax.random.key(0), memory_spec(self.config), h))
+    return [tuple(s.shape) for s in shapes]
+
+  @property
+  def dtype(self):
+    return dtype_from_name(self.config.compute_dtype)
+
+  # ----------------------------------------------------------------------------------------- pieces
+
+  def _heads(self, x):
+    c = self.config
+    return x.reshape(*x.shape[:-1], c.num_heads, head_dim(c))
+
+  def query(self, x, conv_cache=None):
+    """Memory queries of x `[b, t, e]`: (q `[b, t, h, d]` L2-normalized, new conv cache)."""
+    q, cache = self.conv_q(dense(x, self.wq).reshape(*x.shape[:2], -1), conv_cache)
+    return l2_normalize(self._heads(q)), cache
+
+  def project(self, x, conv_caches=(None, None, None)):
+    """Keys, values, queries and gates of x `[b, t, e]` (compute dtype).
+
+    Returns `(q, k, v [b, t, h, d], theta, eta, alpha [b, t, h] float32, (conv_q, conv_k, conv_v) caches)`.
+    """
+    c = self.config
+    b, t, _ = x.shape
+    q, cq = self.query(x, conv_caches[0])
+    k, ck = self.conv_k(dense(x, self.wk).reshape(b, t, -1), conv_caches[1])
+    v, cv = self.conv_v(dense(x, self.wv).reshape(b, t, -1), conv_caches[2])
+    k = l2_normalize(self._heads(k))
+    v = self._heads(v)
+    z = dense(x, self.w_gates).astype(jnp.float32) + self.b_gates  # [b, t, 3, h]
+    gates = jax.nn.sigmoid(z)
+    theta = c.theta_max * gates[:, :, 0]
+    return q, k, v, theta, gates[:, :, 1], gates[:, :, 2], (cq, ck, cv)
+
+  def initial_state(self, batch: int):
+    """(W_0 broadcast to `[batch, heads, d_in, d_out]` float32, zero momentum)."""
+    w = neural.broadcast(tuple(self.memory_init), batch)
+    return w, tuple(jnp.zeros_like(x) for x in w)
+
+  def update(self, weights, momentum, q, k, v, theta, eta, alpha, *, single_step: bool = False):
+    """Writes k -> v through the memory and reads q: `(reads [b, t, h, d] float32, (weights, momentum))`.
+
+    single_step: the exact one-token recurrence (`neural.step`, t must be 1), as in decoding.
+    """
+    c = self.config
+    if single_step:
+      r, state = neural.step(
+          weights, momentum, k[:, 0], v[:, 0], q[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0], self.spec,
+          read=c.memory_read if c.memory_read != "chunk_start" else "before",
+      )
+      return r[:, None], state
+    return neural.chunked_update(
+        weights, momentum, k, v, q, theta, eta, alpha, self.spec, chunk_size=c.memory_chunk_size,
+        read=c.memory_read,
+    )
+
+  def output(self, reads, gate_input):
+    """`W_o [RMSNorm(reads) * SiLU(gate_input W_g)]`: reads `[b, t, h, d]`, gate_input `[b, t, e]` -> `[b, t, e]`."""
+    o = self.out_norm(reads)
+    o = o * jax.nn.silu(dense(gate_input, self.w_out_gate)).astype(o.dtype)
+    return dense(o, self.wo, contract=2)
+
+  # ------------------------------------------------------------------------------------------- block
+
+  def __call__(self, x, *, positions=None, segment_ids=None, cache=None, cache_index=None):
+    x = x.astype(self.dtype)
+    b, t, _ = x.shape
+    w0, s0 = self.initial_state(b)
+    if cache is None:
+      q, k, v, theta, eta, alpha, _ = self.project(x)
+      reads, _ = self.update(w0, s0, q, k, v, theta, eta, alpha)
+      return self.output(reads, x), None
+    if cache_index is None:
+      raise ValueError("NeuralMemory: a call with a cache needs cache_index (the number of tokens already seen).")
+    weights = select_initial(cache["weights"], w0, cache_index)
+    q, k, v, theta, eta, alpha, convs = self.project(x, (cache["conv_q"], cache["conv_k"], cache["conv_v"]))
+    reads, (weights, momentum) = self.update(
+        weights, cache["momentum"], q, k, v, theta, eta, alpha, single_step=(t == 1))
+    new_cache = {"weights": weights, "momentum": momentum, "conv_q": convs[0], "conv_k": convs[1], "conv_v": convs[2]}
+    return self.output(reads, x), new_cache
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
+    """Fixed-size decoding state (max_len is ignored): zero memory weights (replaced by the learned initial
+    weights while cache_index == 0), zero momentum, zero convolution inputs."""
+    return memory_cache(self.config, batch)
+
+
+def memory_cache(config, batch: int) -> dict[str, Any]:
+  """The empty NeuralMemory cache (no parameters needed): see `NeuralMemory.init_cache`."""
+  c = config
+  spec = memory_spec(c)
+  shapes = jax.eval_shape(lambda: neural.init_weights(jax.random.key(0), spec, c.num_heads))
+  weights = tuple(jnp.zeros((batch,) + tuple(s.shape), jnp.float32) for s in shapes)
+  channels = c.num_heads * head_dim(c)
+  conv = ShortConv.empty_cache(batch, c.conv_width, channels, dtype_from_name(c.compute_dtype))
+  return {"weights": weights, "momentum": tuple(jnp.zeros_like(w) for w in weights),
+          "conv_q": conv, "conv_k": conv, "conv_v": conv}
