@@ -1,16 +1,18 @@
-"""Pallas kernels for `linear_scan`: the sequential state passes of the chunked algorithm, TPU and GPU.
+"""Pallas kernels for `linear_scan`, TPU (Mosaic) and GPU (Triton): a fused chunked forward and the reverse
+state pass of the backward.
 
 The chunked form (see `kernels.linear_scan_xla`) makes every chunk an affine map of its start state S_n:
 
     o_n = Qeff_n S_n + Ointra_n,     S_{n+1} = P_n S_n + B_n
 
-with Qeff `[C, K]`, Ointra `[C, V]`, P `[K, K]`, B `[K, V]` computed for all chunks in parallel by `prep`
-(the WY/UT solve included, as batched matmuls). The kernels run what is sequential:
-
-- forward: for n = 0..N-1: store S_n, o_n = Qeff_n S_n + Ointra_n, S <- P_n S_n + B_n; write the final S.
+- forward (one kernel, the whole algorithm): per chunk, from q, k, v, g, beta and the running state S: the
+  cumulative log decay (masked reductions), the decay-masked QK^T, for the delta rule the unit-lower-triangular
+  inverse of the WY/UT form (nilpotent doubling: matmuls only), w, u and the new values U = u - w S, then
+  o = scale (gamma q S + (QK^T * D) U) and S <- gamma_C S + Kdec^T U. Stores S_n per chunk (the only state the
+  backward keeps), and when differentiating also Qeff_n and P_n (delta rule).
 - backward: lambda_N = dL/dS_final; for n = N-1..0: store lambda_{n+1}, lambda <- Qeff_n^T dO_n + P_n^T lambda;
   write lambda_0 = dL/dS_0. The gradients of Qeff, P, B (dO S^T, lambda S^T, lambda) are pulled back through
-  `prep` by the shared custom VJP, per group of chunks.
+  the per-chunk math (`prep`, recomputed group by group in XLA: parallel batched matmuls) by the shared custom VJP.
 
 Each (batch * head, value block) is independent: S `[K, Vb]` only mixes along K.
 - TPU (Mosaic): grid (batch * heads, value blocks, chunks) with the chunk axis "arbitrary" (sequential) and
@@ -18,7 +20,7 @@ Each (batch * head, value block) is independent: S `[K, Vb]` only mixes along K.
 - GPU (Triton, which has no sequential grid axis or scratch memory): grid (batch * heads, value blocks); one
   program loops over chunks with `lax.fori_loop`, the state carried in registers.
 `interpret=True` runs the same kernels in Pallas' interpreter (CPU tests). Unsupported shapes fall back to
-the XLA passes with a one-time warning.
+the XLA implementation with a one-time warning.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.dispatch import warn_fallback
-from kernels.linear_scan_xla import run_chunked, xla_backward_pass, xla_forward_pass
+from kernels.linear_scan_xla import from_chunks, run_chunked, to_chunks
 
 _F32 = jnp.float32
 _HI = jax.lax.Precision.HIGHEST
@@ -85,7 +87,66 @@ def _vmem(shape):
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel_tpu(qeff_ref, oin_ref, p_ref, b_ref, s0_ref, o_ref, st_ref, fin_ref, s_scr):
+def _mm(a, b):
+  return jnp.dot(a, b, precision=_HI, preferred_element_type=_F32)
+
+
+def _unit_lower_inverse(a):
+  """(I + A)^{-1} for strictly lower triangular A `[C, C]` inside a kernel: with N = -A nilpotent,
+  (I - N)^{-1} = (I + N)(I + N^2)(I + N^4)... (2 log2 C matmuls, no row loop, no slicing)."""
+  c = a.shape[0]
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+  nil = -a
+  t = eye.astype(_F32) + nil
+  p = 2
+  while p < c:
+    nil = _mm(nil, nil)
+    t = t + _mm(t, nil)
+    p *= 2
+  return t
+
+
+def _chunk_math(q, k, kt, v, gc, gr, bc, s, *, scale: float, delta: bool, residuals: bool):
+  """One chunk of the scan from its start state, as plain 2-D array math shared by the TPU and Triton kernels.
+
+  q, k `[C, K]`, kt = k^T `[K, C]` (so every product is a plain A @ B: no in-kernel transposes), v `[C, Vb]`,
+  gc / gr: g as a column `[C, 1]` and a row `[1, C]`, bc: beta `[C, 1]`, s: the start state `[K, Vb]`.
+  Cumulative sums are masked reductions (no cumsum or slicing inside kernels). Returns (o `[C, Vb]`,
+  next state `[K, Vb]`, Qeff `[C, K]`, P `[K, K]`), the last two only for the delta rule with `residuals`.
+  The math is `kernels.linear_scan_xla.prep` followed by one step of the state pass.
+  """
+  c = q.shape[0]
+  row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  cum_c = jnp.sum(jnp.where(row >= col, gr, 0.0), axis=1, keepdims=True)  # G_t as a column
+  cum_r = jnp.sum(jnp.where(row <= col, gc, 0.0), axis=0, keepdims=True)  # G_i as a row
+  total = jnp.sum(gr, axis=1, keepdims=True)  # G_C `[1, 1]`
+  diff = cum_c - cum_r  # G_t - G_i
+  # Masked before exp: above the diagonal the difference is a large positive under strong decay.
+  qk = _mm(q, kt) * jnp.exp(jnp.where(row >= col, diff, -jnp.inf))
+  gamma = jnp.exp(cum_c)
+  kdec_t = kt * jnp.exp(total - cum_r)
+  qeff = p = None
+  if delta:
+    a = bc * jnp.exp(jnp.where(row > col, diff, -jnp.inf)) * _mm(k, kt)
+    tinv = _unit_lower_inverse(a)
+    w = _mm(tinv, (bc * gamma) * k)
+    u = _mm(tinv, bc * v) - _mm(w, s)
+    if residuals:
+      qeff = scale * (gamma * q - _mm(qk, w))
+      kk = kt.shape[0]
+      eye = jax.lax.broadcasted_iota(jnp.int32, (kk, kk), 0) == jax.lax.broadcasted_iota(jnp.int32, (kk, kk), 1)
+      p = jnp.exp(total) * eye.astype(_F32) - _mm(kdec_t, w)
+  else:
+    u = v
+  o = scale * (gamma * _mm(q, s) + _mm(qk, u))
+  s_next = jnp.exp(total) * s + _mm(kdec_t, u)
+  return o, s_next, qeff, p
+
+
+def _fwd_kernel_tpu(q_ref, k_ref, kt_ref, v_ref, gc_ref, gr_ref, bc_ref, s0_ref, *refs, scale, delta, residuals):
+  o_ref, st_ref, fin_ref = refs[:3]
+  s_scr = refs[-1]
   n = pl.program_id(2)
 
   @pl.when(n == 0)
@@ -94,8 +155,12 @@ def _fwd_kernel_tpu(qeff_ref, oin_ref, p_ref, b_ref, s0_ref, o_ref, st_ref, fin_
 
   s = s_scr[...]
   st_ref[...] = s
-  o_ref[...] = jnp.dot(qeff_ref[...], s, precision=_HI, preferred_element_type=_F32) + oin_ref[...]
-  s = jnp.dot(p_ref[...], s, precision=_HI, preferred_element_type=_F32) + b_ref[...]
+  o, s, qeff, p = _chunk_math(q_ref[...], k_ref[...], kt_ref[...], v_ref[...], gc_ref[...], gr_ref[...],
+                              bc_ref[...], s, scale=scale, delta=delta, residuals=residuals)
+  o_ref[...] = o
+  if qeff is not None:
+    refs[3][...] = qeff
+    refs[4][...] = p
   s_scr[...] = s
 
   @pl.when(n == pl.num_programs(2) - 1)
@@ -103,66 +168,71 @@ def _fwd_kernel_tpu(qeff_ref, oin_ref, p_ref, b_ref, s0_ref, o_ref, st_ref, fin_
     fin_ref[...] = s
 
 
-def _fwd_kernel_triton(qeff_ref, oin_ref, p_ref, b_ref, s0_ref, o_ref, st_ref, fin_ref):
+def _fwd_kernel_triton(q_ref, k_ref, kt_ref, v_ref, gc_ref, gr_ref, bc_ref, s0_ref, *refs, scale, delta, residuals):
+  o_ref, st_ref, fin_ref = refs[:3]
+
   def body(n, s):
     st_ref[n] = s
-    o_ref[n] = jnp.dot(qeff_ref[n], s, precision=_HI, preferred_element_type=_F32) + oin_ref[n]
-    return jnp.dot(p_ref[n], s, precision=_HI, preferred_element_type=_F32) + b_ref[n]
+    o, s_next, qeff, p = _chunk_math(q_ref[n], k_ref[n], kt_ref[n], v_ref[n], gc_ref[n], gr_ref[n], bc_ref[n], s,
+                                     scale=scale, delta=delta, residuals=residuals)
+    o_ref[n] = o
+    if qeff is not None:
+      refs[3][n] = qeff
+      refs[4][n] = p
+    return s_next
 
-  fin_ref[...] = jax.lax.fori_loop(0, qeff_ref.shape[0], body, s0_ref[...])
+  fin_ref[...] = jax.lax.fori_loop(0, q_ref.shape[0], body, s0_ref[...])
 
 
-def state_pass_forward(qeff, ointra, p, bmat, s0, *, backend: str, interpret: bool):
-  """Forward kernel on flattened inputs: qeff `[BH,N,C,K]`, ointra `[BH,N,C,V]`, p `[BH,N,K,K]`,
-  bmat `[BH,N,K,V]`, s0 `[BH,K,V]` (float32). Returns (o `[BH,N,C,V]`, starts `[BH,N,K,V]`, final `[BH,K,V]`)."""
-  bh, n, c, k = qeff.shape
-  v = ointra.shape[-1]
-  vb = _value_block(v)
-  out_shape = (jax.ShapeDtypeStruct((bh, n, c, v), _F32), jax.ShapeDtypeStruct((bh, n, k, v), _F32),
-               jax.ShapeDtypeStruct((bh, k, v), _F32))
+def fused_forward(q, k, kt, v, gc, gr, bc, s0, *, scale: float, delta: bool, residuals: bool, backend: str,
+                  interpret: bool):
+  """The whole chunked forward in one kernel (per-chunk WY/UT solve, outputs and state pass).
+
+  Flattened float32 inputs: q, k `[BH, N, C, K]`, kt `[BH, N, K, C]` (k transposed per chunk), v `[BH, N, C, V]`,
+  gc `[BH, N, C, 1]`, gr `[BH, N, 1, C]` (g per chunk as column and row), bc `[BH, N, C, 1]` (beta), s0
+  `[BH, K, V]`. Returns (o `[BH, N, C, V]`, chunk-start states `[BH, N, K, V]`, final state `[BH, K, V]`), plus
+  (Qeff `[BH, N, C, K]`, P `[BH, N, K, K]`) for the delta rule with `residuals` (what the backward needs).
+  """
+  bh, n, c, kd = q.shape
+  v_dim = v.shape[-1]
+  vb = _value_block(v_dim)
+  with_res = residuals and delta
+  out_shape = [jax.ShapeDtypeStruct((bh, n, c, v_dim), _F32), jax.ShapeDtypeStruct((bh, n, kd, v_dim), _F32),
+               jax.ShapeDtypeStruct((bh, kd, v_dim), _F32)]
+  if with_res:
+    out_shape += [jax.ShapeDtypeStruct((bh, n, c, kd), _F32), jax.ShapeDtypeStruct((bh, n, kd, kd), _F32)]
+  flags = dict(scale=scale, delta=delta, residuals=with_res)
+  args = (q, k, kt, v, gc, gr, bc, s0)
   if backend == "tpu":
+    chunk = lambda *blk: pl.BlockSpec((None, None) + blk, lambda i, j, m: (i, m, 0, 0))
+    vblock = lambda rows: pl.BlockSpec((None, None, rows, vb), lambda i, j, m: (i, m, 0, j))
+    state = pl.BlockSpec((None, kd, vb), lambda i, j, m: (i, 0, j))  # resident across the sequential axis
+    out_specs = [vblock(c), vblock(kd), state] + ([chunk(c, kd), chunk(kd, kd)] if with_res else [])
     return pl.pallas_call(
-        _fwd_kernel_tpu,
-        grid=(bh, v // vb, n),
-        in_specs=[
-            pl.BlockSpec((None, None, c, k), lambda i, j, m: (i, m, 0, 0)),
-            pl.BlockSpec((None, None, c, vb), lambda i, j, m: (i, m, 0, j)),
-            pl.BlockSpec((None, None, k, k), lambda i, j, m: (i, m, 0, 0)),
-            pl.BlockSpec((None, None, k, vb), lambda i, j, m: (i, m, 0, j)),
-            pl.BlockSpec((None, k, vb), lambda i, j, m: (i, 0, j)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, c, vb), lambda i, j, m: (i, m, 0, j)),
-            pl.BlockSpec((None, None, k, vb), lambda i, j, m: (i, m, 0, j)),
-            # Same block for every chunk: resident across the sequential axis, written back at the end.
-            pl.BlockSpec((None, k, vb), lambda i, j, m: (i, 0, j)),
-        ],
+        functools.partial(_fwd_kernel_tpu, **flags),
+        grid=(bh, v_dim // vb, n),
+        in_specs=[chunk(c, kd), chunk(c, kd), chunk(kd, c), vblock(c), chunk(c, 1), chunk(1, c), chunk(c, 1), state],
+        out_specs=out_specs,
         out_shape=out_shape,
-        scratch_shapes=[_vmem((k, vb))],
+        scratch_shapes=[_vmem((kd, vb))],
         compiler_params=_tpu_params(("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="linear_scan_fwd",
-    )(qeff, ointra, p, bmat, s0)
+    )(*args)
+  seq = lambda *blk: pl.BlockSpec((None, n) + blk, lambda i, j: (i, 0, 0, 0))
+  vseq = lambda rows: pl.BlockSpec((None, n, rows, vb), lambda i, j: (i, 0, 0, j))
+  state = pl.BlockSpec((None, kd, vb), lambda i, j: (i, 0, j))
+  out_specs = [vseq(c), vseq(kd), state] + ([seq(c, kd), seq(kd, kd)] if with_res else [])
   return pl.pallas_call(
-      _fwd_kernel_triton,
-      grid=(bh, v // vb),
-      in_specs=[
-          pl.BlockSpec((None, n, c, k), lambda i, j: (i, 0, 0, 0)),
-          pl.BlockSpec((None, n, c, vb), lambda i, j: (i, 0, 0, j)),
-          pl.BlockSpec((None, n, k, k), lambda i, j: (i, 0, 0, 0)),
-          pl.BlockSpec((None, n, k, vb), lambda i, j: (i, 0, 0, j)),
-          pl.BlockSpec((None, k, vb), lambda i, j: (i, 0, j)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, n, c, vb), lambda i, j: (i, 0, 0, j)),
-          pl.BlockSpec((None, n, k, vb), lambda i, j: (i, 0, 0, j)),
-          pl.BlockSpec((None, k, vb), lambda i, j: (i, 0, j)),
-      ],
+      functools.partial(_fwd_kernel_triton, **flags),
+      grid=(bh, v_dim // vb),
+      in_specs=[seq(c, kd), seq(c, kd), seq(kd, c), vseq(c), seq(c, 1), seq(1, c), seq(c, 1), state],
+      out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=None if interpret else _triton_params(),
       interpret=interpret,
       name="linear_scan_fwd",
-  )(qeff, ointra, p, bmat, s0)
+  )(*args)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -250,20 +320,34 @@ def state_pass_backward(qeff_t, do, p_t, d_final, *, backend: str, interpret: bo
 
 
 def _as_matrix(p, k):
-  # The Hebbian write has the scalar P = gamma_C; the kernels take one K x K form for both cases.
+  # The Hebbian write has the scalar P = gamma_C; the backward kernel takes one K x K form for both cases.
   if p.ndim == 3:
     return p[..., None, None] * jnp.eye(k, dtype=_F32)
   return p
 
 
-def _pallas_forward_pass(qeff, ointra, p, bmat, s0, *, backend, interpret):
-  b, h, n, c, k = qeff.shape
-  v = ointra.shape[-1]
+def _pallas_chunk_forward(q, k, v, g, beta, s0, chunk_size, scale, delta, residuals, *, backend, interpret):
+  """`kernels.linear_scan_xla.xla_chunk_forward`'s contract, by the fused kernel."""
+  b, t, h, kd = q.shape
+  v_dim = v.shape[-1]
+  qc, kc, vc, gch, bch = (to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # [b, h, n, C, ...] float32
   flat = lambda x: x.reshape((b * h,) + x.shape[2:])
-  o, starts, final = state_pass_forward(
-      flat(qeff), flat(ointra), flat(_as_matrix(p, k)), flat(bmat), flat(s0), backend=backend,
-      interpret=interpret)
-  return o.reshape(b, h, n, c, v), starts.reshape(b, h, n, k, v), final.reshape(b, h, k, v)
+  outs = fused_forward(
+      flat(qc), flat(kc), flat(jnp.swapaxes(kc, -1, -2)), flat(vc), flat(gch[..., None]), flat(gch[..., None, :]),
+      flat(bch[..., None]), s0.reshape(b * h, kd, v_dim), scale=scale, delta=delta, residuals=residuals,
+      backend=backend, interpret=interpret)
+  unflat = lambda x: x.reshape((b, h) + x.shape[1:])
+  o = from_chunks(unflat(outs[0]), t)
+  final = outs[2].reshape(b, h, kd, v_dim)
+  if not residuals:
+    return o, final, None, None, None
+  starts = unflat(outs[1])
+  if delta:
+    qeff, p = unflat(outs[3]), unflat(outs[4])
+  else:  # Hebbian: Qeff = scale * gamma * q and P = gamma_C are cheap elementwise work, done here
+    cum = jnp.cumsum(gch, axis=-1)
+    qeff, p = scale * jnp.exp(cum)[..., None] * qc, jnp.exp(cum[..., -1])
+  return o, final, starts, qeff, p
 
 
 def _pallas_backward_pass(qeff, do, p, d_final, *, backend, interpret):
@@ -279,7 +363,7 @@ def _pallas_backward_pass(qeff, do, p, d_final, *, backend, interpret):
 @functools.lru_cache(maxsize=None)
 def _passes(backend: str, interpret: bool):
   # Cached so the custom_vjp sees the same (hashable) functions on every call.
-  return (functools.partial(_pallas_forward_pass, backend=backend, interpret=interpret),
+  return (functools.partial(_pallas_chunk_forward, backend=backend, interpret=interpret),
           functools.partial(_pallas_backward_pass, backend=backend, interpret=interpret))
 
 
@@ -294,6 +378,6 @@ def linear_scan_pallas(q, k, v, g, beta, initial_state, scale: float, chunk_size
   reason = unsupported(backend, chunk_size, q.shape[-1], v.shape[-1])
   if reason is not None:
     warn_fallback("linear_scan", reason)
-    return run_chunked(q, k, v, g, beta, initial_state, scale, chunk_size, xla_forward_pass, xla_backward_pass)
+    return run_chunked(q, k, v, g, beta, initial_state, scale, chunk_size)
   fwd, bwd = _passes(backend, interpret)
   return run_chunked(q, k, v, g, beta, initial_state, scale, chunk_size, fwd, bwd)

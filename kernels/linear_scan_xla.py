@@ -241,30 +241,44 @@ def _prep_group(tokens, _, chunk_size, scale, delta):
   return prep(q, k, v, g, beta, scale, delta)
 
 
+def xla_chunk_forward(q, k, v, g, beta, s0, chunk_size: int, scale: float, delta: bool, residuals: bool):
+  """The forward of the chunked scan in XLA: `prep` for all chunks (group by group), then the state pass.
+
+  Inputs as `chunked_scan`. Returns (o `[b, t, h, V]` float32, final state, and when `residuals`: the chunk-start
+  states `[b, h, n, K, V]`, Qeff `[b, h, n, C, K]` and P (`[b, h, n, K, K]`, or `[b, h, n]` without the delta
+  rule) that the backward needs; None otherwise).
+  """
+  qeff, ointra, p, bmat = map_groups(
+      functools.partial(_prep_group, chunk_size=chunk_size, scale=scale, delta=delta), (q, k, v, g, beta), (),
+      (2, 2, 2, 2), chunk_size)
+  o, starts, final = xla_forward_pass(qeff, ointra, p, bmat, s0)
+  o = from_chunks(o, q.shape[1])
+  return (o, final, starts, qeff, p) if residuals else (o, final, None, None, None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def chunked_scan(q, k, v, g, beta, s0, chunk_size: int, scale: float, delta: bool, fwd_pass: Callable,
+def chunked_scan(q, k, v, g, beta, s0, chunk_size: int, scale: float, delta: bool, chunk_forward: Callable,
                  bwd_pass: Callable):
   """The chunked scan; q, k `[b, t, h, K]`, v `[b, t, h, V]`, g, beta `[b, t, h]` with t a multiple of
   chunk_size (any dtype; math in float32), s0 `[b, h, K, V]` float32.
 
-  Returns (o `[b, t, h, V]` float32, final state `[b, h, K, V]`). fwd_pass / bwd_pass run the sequential state
-  passes (XLA here, Pallas kernels in linear_scan_pallas).
+  Returns (o `[b, t, h, V]` float32, final state `[b, h, K, V]`). chunk_forward runs the forward (with the
+  signature of `xla_chunk_forward`: XLA here, a fused Pallas kernel in linear_scan_pallas); bwd_pass runs the
+  reverse state pass (`xla_backward_pass` or its kernel).
   """
-  return _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, fwd_pass, bwd_pass)[0]
+  return chunk_forward(q, k, v, g, beta, s0, chunk_size, scale, delta, False)[:2]
 
 
-def _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, fwd_pass, bwd_pass):
-  qeff, ointra, p, bmat = map_groups(
-      functools.partial(_prep_group, chunk_size=chunk_size, scale=scale, delta=delta), (q, k, v, g, beta), (),
-      (2, 2, 2, 2), chunk_size)
-  o, starts, final = fwd_pass(qeff, ointra, p, bmat, s0)
+def _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, chunk_forward, bwd_pass):
+  o, final, starts, qeff, p = chunk_forward(q, k, v, g, beta, s0, chunk_size, scale, delta, True)
   # Residuals: the inputs themselves (no chunked copies), one state per chunk (not per token) and the
   # per-chunk Qeff and P that the reverse state pass needs (the size of q and of the chunk states). All the
   # C x C quantities are recomputed.
-  return (from_chunks(o, q.shape[1]), final), (q, k, v, g, beta, starts, qeff, p)
+  return (o, final), (q, k, v, g, beta, starts, qeff, p)
 
 
-def _chunked_scan_bwd(chunk_size, scale, delta, fwd_pass, bwd_pass, res, cts):
+def _chunked_scan_bwd(chunk_size, scale, delta, chunk_forward, bwd_pass, res, cts):
+  del chunk_forward
   q, k, v, g, beta, starts, qeff, p = res
   do, d_final = cts
   lam_next, d_s0 = bwd_pass(qeff, to_chunks(do, chunk_size), p, d_final)
@@ -288,7 +302,7 @@ chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
 
 
 def run_chunked(q, k, v, g, beta, initial_state, scale: float, chunk_size: int,
-                fwd_pass: Callable = xla_forward_pass, bwd_pass: Callable = xla_backward_pass):
+                chunk_forward: Callable = xla_chunk_forward, bwd_pass: Callable = xla_backward_pass):
   """`[b, t, h, d]` inputs -> (o `[b, t, h, V]` in q's dtype, final state float32), via `chunked_scan`."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -301,7 +315,7 @@ def run_chunked(q, k, v, g, beta, initial_state, scale: float, chunk_size: int,
   if pad:  # zero tokens at the end leave the state unchanged (g = 0, beta = 0, k = 0): exact
     q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta))
   s0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
-  o, final = chunked_scan(q, k, v, g, beta, s0, chunk_size, scale, delta, fwd_pass, bwd_pass)
+  o, final = chunked_scan(q, k, v, g, beta, s0, chunk_size, scale, delta, chunk_forward, bwd_pass)
   return o[:, :t].astype(q.dtype), final
 
 

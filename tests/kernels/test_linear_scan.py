@@ -17,7 +17,7 @@ from jax import export
 
 from kernels import linear_scan, linear_scan_step
 from kernels import linear_scan_xla
-from kernels.linear_scan_pallas import linear_scan_pallas, state_pass_backward, state_pass_forward
+from kernels.linear_scan_pallas import fused_forward, linear_scan_pallas, state_pass_backward
 
 # Relative error thresholds per tensor and input dtype. bf16: the inputs are bf16 in both impls and the math
 # f32, so o (stored as bf16) and the input gradients (cast back to bf16) carry bf16 rounding; the f32 state
@@ -227,9 +227,13 @@ CUSTOM_CALL = {"tpu": ("tpu", "tpu_custom_call"), "triton": ("cuda", "__gpu$xla.
 def test_kernels_export(backend):
   platform, call = CUSTOM_CALL[backend]
   bh, n, c, k, v = 4, 3, 64, 64, 128
-  fwd = _export_text(lambda *a: state_pass_forward(*a, backend=backend, interpret=False), platform,
-                     (bh, n, c, k), (bh, n, c, v), (bh, n, k, k), (bh, n, k, v), (bh, k, v))
-  assert call in fwd and "linear_scan_fwd" in fwd
+  for delta, residuals in ((False, False), (True, False), (True, True)):
+    fwd = _export_text(
+        lambda *a: fused_forward(*a, scale=0.125, delta=delta, residuals=residuals, backend=backend,
+                                 interpret=False),
+        platform, (bh, n, c, k), (bh, n, c, k), (bh, n, k, c), (bh, n, c, v), (bh, n, c, 1), (bh, n, 1, c),
+        (bh, n, c, 1), (bh, k, v))
+    assert call in fwd and "linear_scan_fwd" in fwd
   bwd = _export_text(lambda *a: state_pass_backward(*a, backend=backend, interpret=False), platform,
                      (bh, n, k, c), (bh, n, c, v), (bh, n, k, k), (bh, k, v))
   assert call in bwd and "linear_scan_bwd" in bwd
