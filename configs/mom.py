@@ -3,67 +3,68 @@ r"""Mixture-of-Memories (MoM): a router sends each token to k of N linear memori
   python -m experiments.run --config configs/mom.py:size=tiny --workdir runs/mom_tiny
   python -m experiments.run --config configs/mom.py:size=tiny,memory_rule=simple_gla --workdir runs/mom_gla
 
-Sizes (`:size=`): tiny (2 MoM-only layers of width 64; MQAR, 64 tokens with 4, 8 and 16 pairs, vocab 256,
-trains on a laptop CPU), small (4 layers of width 256 with SwiGLU, MQAR with the Zoology vocabulary),
-340m and 1.3b (the paper's shapes: 24 layers of width 1024 / 2048, 4 memories, top-2, a shared memory,
-head_dim 256, aux loss 0.01; heads = width / 256, v_dim = head_dim; meant for an accelerator and real text).
-`:memory_rule=gated_delta|simple_gla|linear` picks each memory's update rule (also `delta`).
-`:task=mqar|text` as in configs/transformer.py. Any value can be overridden, e.g.
-`--config.model.num_memories=8 --config.model.capacity_factor=1.25`.
+`:arg` keys:
+  size=tiny|small|340m|1.3b   tiny: 2 MoM-only layers of width 64, 2 heads of 32 x 32 per memory (the tiny
+      Gated DeltaNet's state, configs/gated_deltanet.py, per memory), on the tiny Transformer++'s MQAR task
+      (64 tokens with 4, 8, 16 pairs, vocab 256). small: 4 (MoM, SwiGLU) layers of width 256, 4 heads of
+      64 x 64, MQAR with the Zoology vocabulary. 340m / 1.3b: the paper's shapes (24 layers of width 1024 /
+      2048, heads of 256 x 256 (width / 256 heads), SwiGLU; meant for an accelerator and `task=text`).
+      Every size: 4 memories, top-2 routing, a shared memory, load-balancing loss 0.01 (the paper's).
+  memory_rule=gated_delta|simple_gla|linear (also delta)   each memory's write rule.
+  task=mqar|text   as in configs/transformer.py (data, optimizer and training sections are the Transformer++
+      config's for tiny and small, so runs compare like with like; 340m / 1.3b use small's).
+Any value can be overridden, e.g. `--config.model.num_memories=8 --config.model.capacity_factor=1.25`.
+The attention keys of the Transformer++ section are kept for hybrids, e.g.
+`--config.model.layer_blocks='("mom", "mlp", "attention", "mlp")'`.
 
-Recurrent state per sequence and layer: (num_memories + shared_memory) x num_heads x head_dim x
-(head_dim * expand_v) float32 values, plus the short-convolution caches (conv_width - 1 inputs of q, k, v
-per memory).
+Recurrent state per sequence and layer: (num_memories + shared_memory) x num_heads x head_dim x value_dim
+float32 values, plus the short-convolution caches (conv_width - 1 inputs of q, k and v per memory).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs import base, common
+from configs import base, transformer
 
 SIZES = {
-    #        embed layers heads head_dim  mlp   batch steps  lr     vocab
-    "tiny": (64, 2, 4, 16, 0, 64, 1000, 3e-3, 256),
-    "small": (256, 4, 4, 64, 704, 64, 4000, 1e-3, 8192),
-    "340m": (1024, 24, 4, 256, 2816, 256, 20000, 3e-4, 8192),
-    "1.3b": (2048, 24, 8, 256, 5632, 256, 20000, 3e-4, 8192),
+    #        embed layers heads head_dim  mlp (0: no MLP block)
+    "tiny": (64, 2, 2, 32, 0),
+    "small": (256, 4, 4, 64, 704),
+    "340m": (1024, 24, 4, 256, 2816),
+    "1.3b": (2048, 24, 8, 256, 5632),
 }
 MEMORY_RULES = ("gated_delta", "simple_gla", "linear", "delta")
 
 
 def model_config(size: str, max_len: int, memory_rule: str) -> ml_collections.ConfigDict:
-  embed, layers, heads, head_dim, mlp, *_ = SIZES[size]
-  c = ml_collections.ConfigDict()
-  c.name = "transformer"  # the DecoderLM stack (memarch.models.registry); layer_blocks makes it MoM
-  c.vocab_size = 0  # 0: take the data's vocabulary size
+  embed, layers, heads, head_dim, mlp = SIZES[size]
+  c = transformer.model_config("tiny" if size == "tiny" else "small", max_len)  # embedding, norms, attention keys
+  c.name = "transformer"  # memarch.models.lm.DecoderLM: any stack of registered block types
   c.embed_dim = embed
   c.num_layers = layers
-  # The block types of one layer: MoM mixer + SwiGLU; tiny drops the MLP (as the tiny MQAR transformer does).
+  # The block types of one layer: the MoM mixer, then SwiGLU (tiny has no MLP, like the tiny MQAR transformer).
   c.layer_blocks = ("mom",) if mlp == 0 else ("mom", "mlp")
-  c.mlp_dim = mlp or 4 * embed  # SwiGLU hidden size (used only with an "mlp" block)
-  c.num_heads = heads  # heads per memory (all memories share the head layout)
-  c.head_dim = head_dim  # key dim per head (0: embed_dim // num_heads)
-  c.expand_v = 1.0  # value dim per head = head_dim * expand_v (the paper's MoM configs use 1)
+  c.mlp_dim = mlp or 4 * embed  # SwiGLU hidden size (only used by "mlp" blocks)
+  c.num_heads = heads  # heads per memory (every memory has the same head layout)
+  c.num_kv_heads = 0  # attention blocks in hybrids: 0 = num_heads (no GQA)
+  c.head_dim = head_dim  # q/k dim per head (0: embed_dim // num_heads)
+  c.value_dim = 0  # v dim per head (0: head_dim, as in the paper's MoM configs)
   c.memory_rule = memory_rule  # each memory's write rule: gated_delta | delta | simple_gla | linear
   c.conv_width = 4  # short causal conv on q, k, v over each memory's own subsequence (0: none, SiLU only)
   c.num_memories = 4  # N routed memories
-  c.top_k = 2  # memories each token writes and reads
-  # Buffer per memory = ceil(capacity_factor * T * top_k / N) tokens (later routed tokens are dropped and
-  # counted in the mom/dropped metric); 0: no capacity (buffers of T tokens, nothing is ever dropped).
+  c.top_k = 2  # memories each token is routed to (writes and reads)
+  # Buffer per memory = ceil(capacity_factor * T * top_k / N) tokens; later routed tokens are dropped (they
+  # neither write nor read that memory) and counted in the mom/dropped metric. 0: no capacity (buffers of T
+  # tokens, nothing is dropped; the paper's setting).
   c.capacity_factor = 0.0
   c.shared_memory = True  # one more memory that every token writes and reads (the paper's default)
   c.aux_loss_scale = 0.01  # weight of the load-balancing loss added to the training loss (0: off)
-  # "gather": routed tokens buffered per memory (exact MoM); "dense": every memory over the full sequence with
-  # masked writes (exact only with conv_width=0, which it requires; no gathers, N x the scan work).
+  # "gather": each memory's routed tokens buffered and scanned alone (exact MoM); "dense": every memory over
+  # the full sequence with masked writes (exact only with conv_width=0, which it requires; N x the scan work).
   c.mom_impl = "gather"
+  c.chunk_size = 64  # tokens per chunk of kernels.linear_scan's chunked form
   c.scan_impl = "auto"  # kernels.linear_scan impl: auto | xla | pallas | pallas_interpret | reference
-  c.scan_chunk_size = 64  # tokens per chunk of the chunked scan
-  c.position_embedding = "none"  # memories are recurrent: no position embedding needed
-  c.tie_embeddings = True
-  c.norm_eps = 1e-6
-  c.max_len = max_len  # the training length (a recurrent model runs beyond it)
-  c.compute_dtype = "float32"  # "bfloat16" on TPU and recent GPUs; parameters and states stay float32
   return c
 
 
@@ -73,24 +74,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown size {a.size!r}; choose one of {sorted(SIZES)}.")
   if a.memory_rule not in MEMORY_RULES:
     raise ValueError(f"unknown memory_rule {a.memory_rule!r}; choose one of {MEMORY_RULES}.")
-  *_, batch, steps, lr, vocab = SIZES[a.size]
-  if a.task == "mqar":
-    tiny = a.size == "tiny"
-    settings = ((64, 4), (64, 8), (64, 16)) if tiny else ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
-    data = common.mqar_data(
-        vocab_size=vocab, settings=settings, num_train_examples=10_000 if tiny else 100_000,
-        num_eval_examples=256 if tiny else 1_000,
-    )
-  elif a.task == "text":
-    data = common.mqar_data()
-    data.name = "text"
-    data.seq_len = 256 if a.size == "tiny" else 2048
-  else:
-    raise ValueError(f"unknown task {a.task!r}; choose mqar or text.")
-  model = model_config(a.size, data.seq_len, a.memory_rule)
-  optim = base.optim_config(lr=lr, warmup_steps=min(100, steps // 10))
-  if a.size == "tiny" and a.task == "mqar":
-    # As configs/transformer.py's tiny MQAR: constant lr, no weight decay (the recall circuit forms sooner).
-    optim.schedule = "constant"
-    optim.weight_decay = 0.0
-  return base.assemble(model=model, data=data, optim=optim, train=base.train_config(steps=steps, batch_size=batch))
+  ref = transformer.get_config(f"size={'tiny' if a.size == 'tiny' else 'small'},task={a.task}")
+  model = model_config(a.size, ref.model.max_len, a.memory_rule)
+  return base.assemble(model=model, data=ref.data, optim=ref.optim, train=ref.train)

@@ -45,10 +45,10 @@ loads f_m / k (sum to 1) as `("metrics", "mom/load_m{i}")`, and the fraction of 
 dropped by the capacity as `("metrics", "mom/dropped")`. `memarch.train` adds the sown losses to the
 training loss and logs the metrics; sowing is a no-op where those collections are not mutable (eval).
 
-Config keys (model section): embed_dim, num_heads, head_dim (0: embed_dim // num_heads), expand_v (v_dim =
-head_dim * expand_v), memory_rule (linear | simple_gla | delta | gated_delta), conv_width (0: no short
+Config keys (model section): embed_dim, num_heads, head_dim (0: embed_dim // num_heads), value_dim (0:
+head_dim), memory_rule (linear | simple_gla | delta | gated_delta), conv_width (0: no short
 convolution, SiLU only), num_memories, top_k, capacity_factor (0: no capacity, buffers of length T),
-shared_memory, aux_loss_scale, mom_impl (gather | dense), scan_impl, scan_chunk_size, norm_eps,
+shared_memory, aux_loss_scale, mom_impl (gather | dense), scan_impl, chunk_size, norm_eps,
 compute_dtype, num_layers.
 
 Parameters: `wr [e, N]` (router), `wq [e, h, dk]` (shared), per memory (leading axis M = N + shared, the
@@ -216,7 +216,7 @@ class MixtureOfMemories(nn.Module):
     c = self.config
     heads = c.num_heads
     dk = c.head_dim or c.embed_dim // heads
-    dv = int(dk * c.get("expand_v", 1))
+    dv = c.value_dim or dk
     n = c.num_memories
     m = n + int(bool(c.shared_memory))
     return heads, dk, dv, n, m, c.conv_width
@@ -306,7 +306,7 @@ class MixtureOfMemories(nn.Module):
 
     o, final = kernels.linear_scan(
         fold(q), fold(k), fold(v), g=fold(g), beta=fold(beta), initial_state=fold(state),
-        chunk_size=c.get("scan_chunk_size", 64), impl=c.get("scan_impl", "auto"),
+        chunk_size=c.get("chunk_size", 64), impl=c.get("scan_impl", "auto"),
     )
     o = o.reshape(mm, b, length, heads, dv)
     final = final.reshape(mm, b, heads, dk, dv)
