@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.dispatch import warn_fallback
-from kernels.linear_scan_xla import from_chunks, run_chunked, to_chunks
+from kernels.linear_scan_xla import from_chunks, run_chunked, state_pass_backward as grouped_backward, to_chunks
 
 _F32 = jnp.float32
 _HI = jax.lax.Precision.HIGHEST
@@ -364,7 +364,8 @@ def _pallas_backward_pass(qeff, do, p, d_final, *, backend, interpret):
 def _passes(backend: str, interpret: bool):
   # Cached so the custom_vjp sees the same (hashable) functions on every call.
   return (functools.partial(_pallas_chunk_forward, backend=backend, interpret=interpret),
-          functools.partial(_pallas_backward_pass, backend=backend, interpret=interpret))
+          functools.partial(grouped_backward, reverse_pass=functools.partial(
+              _pallas_backward_pass, backend=backend, interpret=interpret)))
 
 
 def linear_scan_pallas(q, k, v, g, beta, initial_state, scale: float, chunk_size: int, *, interpret: bool,

@@ -201,39 +201,49 @@ def xla_backward_pass(qeff, do, p, d_final):
 GROUP_TOKENS = 512
 
 
-def map_groups(fn: Callable, token_arrays, chunk_arrays, out_axes, chunk_size: int):
-  """fn over groups of whole chunks.
+def scan_groups(fn: Callable, carry, token_arrays, chunk_arrays, out_axes, chunk_size: int, reverse: bool = False):
+  """fn over groups of whole chunks, in sequence order (or reversed), threading a carry.
 
   token_arrays: tuple of `[b, t, ...]` (t = n * C, the token axis 1); chunk_arrays: tuple of `[b, h, n, ...]`
-  (the chunk axis 2). fn(token_group, chunk_group) returns a tuple whose i-th output has its group axis at
-  out_axes[i] (1: tokens, 2: chunks). A `lax.scan` over group indices slices the inputs where they lie (a
-  `lax.map` over reshaped inputs would first copy every input) and stacks the outputs; a last, shorter group
-  gets its own call.
+  (the chunk axis 2). fn(carry, token_group, chunk_group) returns (carry, outputs), the i-th output with its group
+  axis at out_axes[i] (1: tokens, 2: chunks). Returns (final carry, outputs over the whole sequence). A `lax.scan`
+  over group indices slices the inputs where they lie (a scan over reshaped inputs would first copy every
+  input) and stacks the outputs; a last, shorter group gets its own call (first, when reversed).
   """
   n = chunk_arrays[0].shape[2] if chunk_arrays else token_arrays[0].shape[1] // chunk_size
   gs = max(1, min(n, GROUP_TOKENS // chunk_size))
   ng, rem = divmod(n, gs)
-  if ng == 1 and rem == 0:
-    return fn(token_arrays, chunk_arrays)
 
   def inputs(first, size):
     return (tuple(jax.lax.dynamic_slice_in_dim(x, first * chunk_size, size * chunk_size, 1) for x in token_arrays),
             tuple(jax.lax.dynamic_slice_in_dim(x, first, size, 2) for x in chunk_arrays))
+
+  if ng == 1 and rem == 0:
+    return fn(carry, *inputs(0, gs))
 
   def merge(y, ax):
     # [ng, ..., gs * size, ...] -> [..., ng * gs * size, ...]
     y = jnp.moveaxis(y, 0, ax)
     return y.reshape(y.shape[:ax] + (y.shape[ax] * y.shape[ax + 1],) + y.shape[ax + 2:])
 
+  tail = None
+  if rem and reverse:
+    carry, tail = fn(carry, *inputs(ng * gs, rem))
   # Stacked scan outputs rather than a fori_loop carrying the outputs with dynamic_update_slice: with the
   # latter, fwd+bwd at 16k tokens took 6-7x the time at 4k on this CPU (measured; presumably copies of the
-  # carried outputs), with stacked outputs ~3.9x.
-  _, ys = jax.lax.scan(lambda c, i: (c, fn(*inputs(i * gs, gs))), None, jnp.arange(ng))
+  # carried outputs).
+  carry, ys = jax.lax.scan(lambda c, i: fn(c, *inputs(i * gs, gs)), carry, jnp.arange(ng), reverse=reverse)
   outs = tuple(merge(y, ax) for y, ax in zip(ys, out_axes))
-  if rem:
-    tail = fn(*inputs(ng * gs, rem))
+  if rem and not reverse:
+    carry, tail = fn(carry, *inputs(ng * gs, rem))
+  if tail is not None:
     outs = tuple(jnp.concatenate([o, y], axis=ax) for o, y, ax in zip(outs, tail, out_axes))
-  return outs
+  return carry, outs
+
+
+def map_groups(fn: Callable, token_arrays, chunk_arrays, out_axes, chunk_size: int):
+  """`scan_groups` without a carry: fn(token_group, chunk_group) -> outputs."""
+  return scan_groups(lambda c, t, ch: (c, fn(t, ch)), None, token_arrays, chunk_arrays, out_axes, chunk_size)[1]
 
 
 def _prep_group(tokens, _, chunk_size, scale, delta):
@@ -242,67 +252,100 @@ def _prep_group(tokens, _, chunk_size, scale, delta):
 
 
 def xla_chunk_forward(q, k, v, g, beta, s0, chunk_size: int, scale: float, delta: bool, residuals: bool):
-  """The forward of the chunked scan in XLA: `prep` for all chunks (group by group), then the state pass.
+  """The forward of the chunked scan in XLA, group of chunks by group of chunks: `prep`, the state pass and the
+  outputs of one group before the next (its C x C temporaries and chunk maps stay in cache; the state is
+  carried from group to group).
 
-  Inputs as `chunked_scan`. Returns (o `[b, t, h, V]` float32, final state, and when `residuals`: the chunk-start
-  states `[b, h, n, K, V]`, Qeff `[b, h, n, C, K]` and P (`[b, h, n, K, K]`, or `[b, h, n]` without the delta
-  rule) that the backward needs; None otherwise).
+  Inputs as `chunked_scan`. Returns (o `[b, t, h, V]` float32, final state, chunk-start states `[b, h, n, K, V]`
+  when `residuals` (else None), None, None): the XLA backward recomputes Qeff and P per group, so only the
+  states are kept.
   """
-  qeff, ointra, p, bmat = map_groups(
-      functools.partial(_prep_group, chunk_size=chunk_size, scale=scale, delta=delta), (q, k, v, g, beta), (),
-      (2, 2, 2, 2), chunk_size)
-  o, starts, final = xla_forward_pass(qeff, ointra, p, bmat, s0)
-  o = from_chunks(o, q.shape[1])
-  return (o, final, starts, qeff, p) if residuals else (o, final, None, None, None)
+
+  def group(s, tokens, _):
+    qeff, ointra, p, bmat = _prep_group(tokens, None, chunk_size, scale, delta)
+    o, starts, s = xla_forward_pass(qeff, ointra, p, bmat, s)
+    return s, (from_chunks(o, o.shape[2] * chunk_size), starts)
+
+  final, (o, starts) = scan_groups(group, s0, (q, k, v, g, beta), (), (1, 2), chunk_size)
+  return o, final, (starts if residuals else None), None, None
+
+
+def xla_chunk_backward(q, k, v, g, beta, starts, qeff, p, do, d_final, chunk_size: int, scale: float, delta: bool):
+  """The backward of the chunked scan in XLA, group by group from the end: recompute the group's `prep` under
+  `jax.vjp`, run the reverse state pass lambda_n = Qeff_n^T dO_n + P_n^T lambda_{n+1} over its chunks (lambda =
+  dLoss/dS_n, carried from group to group), and pull (dQeff, dOintra, dP, dB) = (dO_n S_n^T, dO_n,
+  lambda_{n+1} S_n^T, lambda_{n+1}) back through prep. qeff and p are unused (None from `xla_chunk_forward`).
+
+  Returns (dq, dk, dv, dg, dbeta in the inputs' dtypes, dS_0).
+  """
+  del qeff, p
+
+  def group(lam, tokens, chunks):
+    xs, do_g = tokens[:5], to_chunks(tokens[5], chunk_size)
+    (starts_g,) = chunks
+    (qeff_g, _, p_g, _), prep_vjp = jax.vjp(lambda *x: _prep_group(x, None, chunk_size, scale, delta), *xs)
+    lam_next, lam = xla_backward_pass(qeff_g, do_g, p_g, lam)
+    return lam, prep_vjp(_prep_cotangents(do_g, starts_g, lam_next, delta))
+
+  d_s0, grads = scan_groups(group, d_final, (q, k, v, g, beta, do), (starts,), (1,) * 5, chunk_size, reverse=True)
+  return (*(d.astype(x.dtype) for d, x in zip(grads, (q, k, v, g, beta))), d_s0)
+
+
+def _prep_cotangents(do, starts, lam_next, delta: bool):
+  """Cotangents of prep's outputs (Qeff, Ointra, P, B) from o = Qeff S + Ointra and S' = P S + B."""
+  d_qeff = jnp.einsum("...cv,...kv->...ck", do, starts, precision=_HI)
+  if delta:
+    d_p = jnp.einsum("...kv,...jv->...kj", lam_next, starts, precision=_HI)
+  else:
+    d_p = jnp.sum(lam_next * starts, axis=(-2, -1))
+  return d_qeff, do, d_p, lam_next
+
+
+def state_pass_backward(q, k, v, g, beta, starts, qeff, p, do, d_final, chunk_size: int, scale: float,
+                        delta: bool, *, reverse_pass: Callable):
+  """The backward when the forward kept Qeff and P (the Pallas kernels): one reverse state pass over the whole
+  sequence by `reverse_pass` (a kernel), then prep's VJP group by group. Returns as `xla_chunk_backward`."""
+  lam_next, d_s0 = reverse_pass(qeff, to_chunks(do, chunk_size), p, d_final)
+
+  def group_vjp(tokens, chunks):
+    xs, do_g = tokens[:5], to_chunks(tokens[5], chunk_size)
+    starts_g, lam_next_g = chunks
+    _, prep_vjp = jax.vjp(lambda *x: _prep_group(x, None, chunk_size, scale, delta), *xs)
+    return prep_vjp(_prep_cotangents(do_g, starts_g, lam_next_g, delta))
+
+  grads = map_groups(group_vjp, (q, k, v, g, beta, do), (starts, lam_next), (1,) * 5, chunk_size)
+  return (*(d.astype(x.dtype) for d, x in zip(grads, (q, k, v, g, beta))), d_s0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def chunked_scan(q, k, v, g, beta, s0, chunk_size: int, scale: float, delta: bool, chunk_forward: Callable,
-                 bwd_pass: Callable):
+                 chunk_backward: Callable):
   """The chunked scan; q, k `[b, t, h, K]`, v `[b, t, h, V]`, g, beta `[b, t, h]` with t a multiple of
   chunk_size (any dtype; math in float32), s0 `[b, h, K, V]` float32.
 
-  Returns (o `[b, t, h, V]` float32, final state `[b, h, K, V]`). chunk_forward runs the forward (with the
-  signature of `xla_chunk_forward`: XLA here, a fused Pallas kernel in linear_scan_pallas); bwd_pass runs the
-  reverse state pass (`xla_backward_pass` or its kernel).
+  Returns (o `[b, t, h, V]` float32, final state `[b, h, K, V]`). chunk_forward runs the forward (the contract of
+  `xla_chunk_forward`; a fused Pallas kernel in linear_scan_pallas) and chunk_backward the backward (the
+  contract of `xla_chunk_backward`). The residuals are the inputs, one state per chunk (never one per token)
+  and whatever Qeff / P the forward chose to keep; all C x C quantities are recomputed.
   """
   return chunk_forward(q, k, v, g, beta, s0, chunk_size, scale, delta, False)[:2]
 
 
-def _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, chunk_forward, bwd_pass):
+def _chunked_scan_fwd(q, k, v, g, beta, s0, chunk_size, scale, delta, chunk_forward, chunk_backward):
   o, final, starts, qeff, p = chunk_forward(q, k, v, g, beta, s0, chunk_size, scale, delta, True)
-  # Residuals: the inputs themselves (no chunked copies), one state per chunk (not per token) and the
-  # per-chunk Qeff and P that the reverse state pass needs (the size of q and of the chunk states). All the
-  # C x C quantities are recomputed.
   return (o, final), (q, k, v, g, beta, starts, qeff, p)
 
 
-def _chunked_scan_bwd(chunk_size, scale, delta, chunk_forward, bwd_pass, res, cts):
+def _chunked_scan_bwd(chunk_size, scale, delta, chunk_forward, chunk_backward, res, cts):
   del chunk_forward
-  q, k, v, g, beta, starts, qeff, p = res
-  do, d_final = cts
-  lam_next, d_s0 = bwd_pass(qeff, to_chunks(do, chunk_size), p, d_final)
-
-  def group_vjp(tokens, chunks):
-    xs, do = tokens[:5], to_chunks(tokens[5], chunk_size)
-    starts, lam_next = chunks
-    _, prep_vjp = jax.vjp(lambda *x: _prep_group(x, None, chunk_size, scale, delta), *xs)
-    d_qeff = jnp.einsum("...cv,...kv->...ck", do, starts, precision=_HI)
-    if delta:
-      d_p = jnp.einsum("...kv,...jv->...kj", lam_next, starts, precision=_HI)
-    else:
-      d_p = jnp.sum(lam_next * starts, axis=(-2, -1))
-    return prep_vjp((d_qeff, do, d_p, lam_next))
-
-  grads = map_groups(group_vjp, (q, k, v, g, beta, do), (starts, lam_next), (1,) * 5, chunk_size)
-  return (*(d.astype(x.dtype) for d, x in zip(grads, (q, k, v, g, beta))), d_s0)
+  return chunk_backward(*res, *cts, chunk_size, scale, delta)
 
 
 chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
 
 
 def run_chunked(q, k, v, g, beta, initial_state, scale: float, chunk_size: int,
-                chunk_forward: Callable = xla_chunk_forward, bwd_pass: Callable = xla_backward_pass):
+                chunk_forward: Callable = xla_chunk_forward, chunk_backward: Callable = xla_chunk_backward):
   """`[b, t, h, d]` inputs -> (o `[b, t, h, V]` in q's dtype, final state float32), via `chunked_scan`."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -315,7 +358,7 @@ def run_chunked(q, k, v, g, beta, initial_state, scale: float, chunk_size: int,
   if pad:  # zero tokens at the end leave the state unchanged (g = 0, beta = 0, k = 0): exact
     q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta))
   s0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
-  o, final = chunked_scan(q, k, v, g, beta, s0, chunk_size, scale, delta, chunk_forward, bwd_pass)
+  o, final = chunked_scan(q, k, v, g, beta, s0, chunk_size, scale, delta, chunk_forward, chunk_backward)
   return o[:, :t].astype(q.dtype), final
 
 
