@@ -43,3 +43,36 @@ def mqar_data(
   c.prefetch_batches = 4
   c.seed = 0  # data order and MQAR generation
   return c
+
+
+def passkey_data(
+    *,
+    seq_len: int = 1024,
+    eval_multiples: tuple[int, ...] = (1, 4, 16),
+    key_digits: int = 5,
+    filler: str = "repeat",
+    vocab_size: int = 64,
+    num_train_examples: int = 1_000_000,
+    num_eval_examples: int = 64,
+) -> ml_collections.ConfigDict:
+  """Passkey retrieval (memarch/data/passkey.py) as the data section: a key hidden in filler, asked for at the
+  end; the loss and accuracy cover only the key's digits. Eval sets `passkey_T{len}` at each multiple of the
+  training length (1x, 4x, 16x by default: length generalization)."""
+  c = ml_collections.ConfigDict()
+  c.name = "passkey"
+  c.seq_len = seq_len  # training length; every training batch is [batch, seq_len]
+  # The task's own vocabulary: 0 pad, 1 key marker, 2 query marker, 3..12 digits, the rest filler.
+  c.vocab_size = vocab_size
+  c.passkey = ml_collections.ConfigDict()
+  c.passkey.key_digits = key_digits  # digits of the key (the answer: key_digits loss positions per example)
+  c.passkey.filler = filler  # "repeat" (a fixed filler sentence, as in the original test) | "random" tokens
+  c.passkey.filler_period = 16  # tokens of the repeated filler sentence
+  c.passkey.eval_lengths = tuple(m * seq_len for m in eval_multiples)  # one eval set per length
+  # Examples are generated on demand from (seed, split, length, index): a large train set costs nothing.
+  c.passkey.num_train_examples = num_train_examples
+  c.passkey.num_eval_examples = num_eval_examples  # per eval length
+  c.num_workers = 0  # grain worker processes (0: in the main process)
+  c.read_threads = 2  # background threads that generate training batches
+  c.prefetch_batches = 4  # finished batches kept ahead of the loop
+  c.seed = 0  # data order and generation
+  return c

@@ -27,10 +27,10 @@ from typing import Any, Literal, Protocol
 import grain
 import numpy as np
 
-from memarch.data import synthetic, text, tfds_mqar
+from memarch.data import passkey, synthetic, text, tfds_mqar
 from memarch.data.tokenizer import ByteTokenizer
 
-VALID_NAMES = ('"mqar"', '"text"', '"tfds:<name>"')
+VALID_NAMES = ('"mqar"', '"text"', '"tfds:<name>"', '"passkey"')
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -48,23 +48,23 @@ class BatchSource(Protocol):
 class DataInfo:
   """What a model and the loop need to know about the data.
 
-  vocab_size: number of token ids (embedding/output size). kind: "mqar" or "text".
-  pad_id: the id of padding (0 for MQAR, ByteTokenizer.PAD for text). eos_id: end-of-document id
-  (None for MQAR). tokenizer: the ByteTokenizer for text, None for MQAR.
+  vocab_size: number of token ids (embedding/output size). kind: "mqar", "passkey" or "text".
+  pad_id: the id of padding (0 for MQAR and passkey, ByteTokenizer.PAD for text). eos_id: end-of-document id
+  (None for the synthetic tasks). tokenizer: the ByteTokenizer for text, None for the synthetic tasks.
   """
 
   vocab_size: int
-  kind: Literal["mqar", "text"]
+  kind: Literal["mqar", "passkey", "text"]
   pad_id: int
   eos_id: int | None
   tokenizer: ByteTokenizer | None
 
 
 def _kind(data_config: Any) -> tuple[str, str | None]:
-  """("mqar" | "text" | "tfds", the TFDS name or None); a clear error for an unknown data.name."""
+  """("mqar" | "passkey" | "text" | "tfds", the TFDS name or None); a clear error for an unknown data.name."""
   name = str(data_config.name)
-  if name == "mqar":
-    return "mqar", None
+  if name in ("mqar", "passkey"):
+    return name, None
   if name == "text":
     return "text", None
   if name.startswith("tfds:") and len(name) > len("tfds:"):
@@ -78,6 +78,9 @@ def data_info(data_config: Any) -> DataInfo:
   kind, _ = _kind(data_config)
   if kind == "mqar":
     return DataInfo(vocab_size=int(data_config.vocab_size), kind="mqar", pad_id=synthetic.PAD_ID,
+                    eos_id=None, tokenizer=None)
+  if kind == "passkey":
+    return DataInfo(vocab_size=int(data_config.vocab_size), kind="passkey", pad_id=passkey.PAD_ID,
                     eos_id=None, tokenizer=None)
   tok = ByteTokenizer()
   return DataInfo(vocab_size=tok.vocab_size, kind="text", pad_id=tok.PAD, eos_id=tok.EOS, tokenizer=tok)
@@ -151,6 +154,14 @@ def _mqar_eval_sources(c: Any) -> dict[str, BatchSource]:
       seed=int(c.seed), vocab_size=int(c.vocab_size), eval_settings=c.mqar.eval_settings,
       num_examples=int(c.mqar.num_eval_examples), seq_len=int(c.seq_len), power_a=float(c.mqar.power_a))
   return {name: ArraySource(arrays) for name, arrays in sets.items()}
+
+
+def _passkey_sources(c: Any) -> tuple[BatchSource, dict[str, BatchSource]]:
+  p = c.passkey
+  return passkey.passkey_sources(
+      seed=int(c.seed), vocab_size=int(c.vocab_size), seq_len=int(c.seq_len), eval_lengths=p.eval_lengths,
+      key_digits=int(p.key_digits), filler=str(p.filler), filler_period=int(p.filler_period),
+      num_train_examples=int(p.num_train_examples), num_eval_examples=int(p.num_eval_examples))
 
 
 def _text_sources(c: Any) -> tuple[BatchSource, BatchSource | None]:
@@ -242,7 +253,12 @@ def create_train_iterator(
   kind, _ = _kind(data_config)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  source = _mqar_train_source(data_config) if kind == "mqar" else _text_sources(data_config)[0]
+  if kind == "mqar":
+    source = _mqar_train_source(data_config)
+  elif kind == "passkey":
+    source = _passkey_sources(data_config)[0]
+  else:
+    source = _text_sources(data_config)[0]
   indices = host_indices(len(source), process_index, process_count)
   if len(indices) < batch_size:
     raise ValueError(
@@ -317,7 +333,8 @@ def create_eval_batches(
     process_count: int = 1,
     max_batches: int = 0,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
-  """Held-out batches per eval set: MQAR one per eval setting ("mqar_T64_kv4", ...), text "validation".
+  """Held-out batches per eval set: MQAR one per eval setting ("mqar_T64_kv4", ...), passkey one per eval
+  length ("passkey_T1024", ...; each set's batches have its own length), text "validation".
 
   Args:
     data_config: the config's `data` section.
@@ -326,7 +343,8 @@ def create_eval_batches(
       validation split is not materialized whole; 0: all of it.
 
   Returns:
-    {eval set name: [batch, ...]}, each batch a dict with BATCH_KEYS of [B, data.seq_len] arrays.
+    {eval set name: [batch, ...]}, each batch a dict with BATCH_KEYS of [B, data.seq_len] arrays (passkey:
+    [B, that set's length]).
     Finite and deterministic: over all hosts every held-out example appears exactly once (host i takes
     examples i, i+P, ...); the last batches are filled with loss_mask-0 padding rows (pad tokens) so
     every batch has the same shape and every host the same number of batches. Text with
@@ -339,10 +357,13 @@ def create_eval_batches(
   info = data_info(data_config)
   if kind == "mqar":
     sources = _mqar_eval_sources(data_config)
+  elif kind == "passkey":
+    sources = _passkey_sources(data_config)[1]
   else:
     val = _text_sources(data_config)[1]
     sources = {} if val is None else {"validation": val}
-  return {name: _eval_batches(src, batch_size=batch_size, seq_len=int(data_config.seq_len),
+  # A passkey eval set has its own length (1x, 4x, 16x the training length): its padding rows take it.
+  return {name: _eval_batches(src, batch_size=batch_size, seq_len=int(getattr(src, "seq_len", data_config.seq_len)),
                               process_index=process_index, process_count=process_count, pad_id=info.pad_id,
                               max_batches=max_batches)
           for name, src in sources.items()}
