@@ -12,6 +12,7 @@ import sys
 BENCHMARKS = {
     "attention": "experiments.benchmarks.attention",
     "scan": "experiments.benchmarks.scan",
+    "titans": "experiments.benchmarks.titans",  # one Titans NeuralMemory layer: tokens/s, time vs seq
 }
 
 
