@@ -40,6 +40,13 @@ def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], ax
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
 
 
+def head_out_param(module: nn.Module, name: str, heads: int, head_dim: int, embed: int, num_layers: int):
+  """An output projection `[heads, head_dim, embed]` (axes heads, kv, embed), initialized by
+  `residual_out_init(num_layers)` with the fan-in of the flattened heads * head_dim."""
+  init = lambda k, s, d: residual_out_init(num_layers)(k, (heads * head_dim, embed), d).reshape(s)
+  return param_with_axes(module, name, init, (heads, head_dim, embed), ("heads", "kv", "embed"))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None] = ACT) -> jax.Array:
   """Logical sharding constraint on an activation (a no-op without a mesh and rules in context)."""
   return nn.with_logical_constraint(x, tuple(axes))

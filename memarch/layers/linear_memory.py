@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
+from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, head_out_param, param_with_axes
 from memarch.layers.short_conv import ShortConv
 
 MEMORY_RULES = ("linear", "simple_gla", "delta", "gated_delta")
@@ -159,10 +159,7 @@ class LinearMemory(nn.Module):
       self.conv_v = ShortConv(c.conv_width, "silu", "heads")
     self.wg = param_with_axes(self, "wg", dense_init, (e, h, dv), ("embed", "heads", "kv"))
     self.o_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype))
-    self.wo = param_with_axes(
-        self, "wo", lambda k, s, d: residual_out_init(c.num_layers)(k, (h * dv, e), d).reshape(s),
-        (h, dv, e), ("heads", "kv", "embed"),
-    )
+    self.wo = head_out_param(self, "wo", h, dv, e, c.num_layers)
 
   def features(self, x: jax.Array, cache: dict | None = None) -> tuple[dict[str, jax.Array | None], dict]:
     """The per-token inputs of the scan.
@@ -280,10 +277,7 @@ class BasedAttention(nn.Module):
     wq = param_with_axes(self, "wq", dense_init, (e, h, f), ("embed", "heads", "kv"))
     wk = param_with_axes(self, "wk", dense_init, (e, h, f), ("embed", "heads", "kv"))
     wv = param_with_axes(self, "wv", dense_init, (e, h, dv), ("embed", "heads", "kv"))
-    wo = param_with_axes(
-        self, "wo", lambda k, s, d: residual_out_init(c.num_layers)(k, (h * dv, e), d).reshape(s),
-        (h, dv, e), ("heads", "kv", "embed"),
-    )
+    wo = head_out_param(self, "wo", h, dv, e, c.num_layers)
     x = x.astype(dtype)
     q, k = taylor_feature_map(dense(x, wq)), taylor_feature_map(dense(x, wk))
     v = dense(x, wv)
