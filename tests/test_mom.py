@@ -135,7 +135,7 @@ def test_layer_matches_per_memory_reference(overrides):
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rule", ["gated_delta", "linear"])
+@pytest.mark.parametrize("rule", ["gated_delta", pytest.param("linear", marks=pytest.mark.slow)])
 def test_dense_equals_gather_without_conv(rule):
   cfg_g = layer_config(conv_width=0, memory_rule=rule)
   cfg_d = layer_config(conv_width=0, memory_rule=rule, mom_impl="dense")
@@ -222,16 +222,22 @@ def test_capacity_drops_are_counted():
 
 
 def make_model(**overrides):
-  m = layer_config(num_layers=2, **overrides).to_dict()
+  m = layer_config(**overrides).to_dict()
   model = build_model(ml_collections.FrozenConfigDict(m))
   tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, VOCAB)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))["params"]
   return model, {"params": params}, tokens
 
 
-def test_causality():
+@pytest.fixture(scope="module")
+def lm():
+  """One MoM layer (3 memories, top-2, shared memory, conv width 3) in the decoder stack, and its forward."""
   model, params, tokens = make_model()
-  fwd = jax.jit(model.apply)
+  return model, params, tokens, jax.jit(model.apply)
+
+
+def test_causality(lm):
+  model, params, tokens, fwd = lm
   logits = fwd(params, tokens)
   t = 6
   changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % VOCAB)
@@ -240,9 +246,9 @@ def test_causality():
   assert np.abs(np.asarray(logits[:, t + 1:] - logits2[:, t + 1:])).max() > 1e-4
 
 
-def test_prefill_then_decode_matches_parallel_forward():
-  model, params, tokens = make_model(scan_impl="xla")
-  full = jax.jit(model.apply)(params, tokens)
+def test_prefill_then_decode_matches_parallel_forward(lm):
+  model, params, tokens, fwd = lm
+  full = fwd(params, tokens)
   cache = model.init_cache(2, 16)
   assert cache["layers"][0]["state"].shape == (4, 2, 2, 4, 4)  # 3 memories + shared, fixed size
   logits, cache = jax.jit(lambda p, t, c: model.apply(p, t, c, method=model.prefill))(params, tokens[:, :5], cache)

@@ -73,25 +73,11 @@ import jax.numpy as jnp
 
 import kernels
 from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
+from memarch.layers.linear_memory import (a_log_init, dt_bias_init, l2_normalize, log_decay, rule_flags,
+                                          write_strength)
 from memarch.layers.short_conv import causal_conv
 
-# rule -> (uses beta (delta rule), uses decay g, L2-normalized q and k)
-RULES = {
-    "linear": (False, False, False),
-    "simple_gla": (False, True, False),
-    "delta": (True, False, True),
-    "gated_delta": (True, True, True),
-}
 IMPLS = ("gather", "dense")
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(sum x^2 + eps) over the last axis, statistics in float32 (FLA's l2_norm).
-
-  (Private copy: memarch.layers.linear_memory has the same helper; reuse one when both exist.)
-  """
-  xf = x.astype(jnp.float32)
-  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _per_memory(init):
@@ -103,18 +89,6 @@ def _per_memory(init):
     return jax.vmap(lambda k: init(k, tuple(shape[1:]), dtype))(keys)
 
   return f
-
-
-def _a_log_init(key, shape, dtype=jnp.float32):
-  # Mamba-2 / Gated DeltaNet: A ~ U[1, 16] per head, stored as log A (decay rate -exp(A_log) * dt).
-  return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
-
-
-def _dt_bias_init(key, shape, dtype=jnp.float32):
-  # Mamba-2: dt ~ log-uniform in [1e-3, 1e-1] (floored at 1e-4), stored as softplus^-1(dt).
-  u = jax.random.uniform(key, shape, dtype)
-  dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)), 1e-4)
-  return dt + jnp.log(-jnp.expm1(-dt))
 
 
 def _conv_init(key, shape, dtype=jnp.float32):
@@ -223,8 +197,7 @@ class MixtureOfMemories(nn.Module):
 
   def _check(self):
     c = self.config
-    if c.memory_rule not in RULES:
-      raise ValueError(f"model.memory_rule must be one of {sorted(RULES)}, got {c.memory_rule!r}.")
+    rule_flags(c.memory_rule)  # a clear error for an unknown rule
     if c.num_memories < 1 or not 1 <= c.top_k <= c.num_memories:
       raise ValueError(f"MoM needs num_memories >= 1 and 1 <= top_k <= num_memories; got "
                        f"num_memories={c.num_memories}, top_k={c.top_k}.")
@@ -255,7 +228,7 @@ class MixtureOfMemories(nn.Module):
     """
     c = self.config
     heads, dk, dv, _, _, width = self._dims()
-    use_beta, use_g, l2 = RULES[c.memory_rule]
+    use_g, use_beta = rule_flags(c.memory_rule)
     mm, b, length, e = xb.shape
     dtype = xb.dtype
 
@@ -287,18 +260,17 @@ class MixtureOfMemories(nn.Module):
     q = q.reshape(mm, b, length, heads, dk)
     k = k.reshape(mm, b, length, heads, dk)
     v = v.reshape(mm, b, length, heads, dv)
-    if l2:
-      q, k = _l2_normalize(q), _l2_normalize(k)
+    if use_beta:  # the delta rules: L2-normalized q and k
+      q, k = l2_normalize(q), l2_normalize(k)
     vm = valid[..., None, None]
     # Unused slots write nothing: k = v = 0 (Hebbian rules), beta = 0 and g = 0 (delta rule, decay).
     k = jnp.where(vm, k, 0).astype(dtype)
     v = jnp.where(vm, v, 0).astype(dtype)
     beta = g = None
     if use_beta:
-      beta = jnp.where(valid[..., None], jax.nn.sigmoid(proj(p["wb"]).astype(jnp.float32)), 0.0)
+      beta = jnp.where(valid[..., None], write_strength(proj(p["wb"])), 0.0)
     if use_g:
-      a = proj(p["wa"]).astype(jnp.float32) + p["dt_bias"][:, None, None, :]
-      g = -jnp.exp(p["a_log"])[:, None, None, :] * jax.nn.softplus(a)
+      g = log_decay(proj(p["wa"]), p["a_log"][:, None, None, :], p["dt_bias"][:, None, None, :])
       g = jnp.where(valid[..., None], g, 0.0)
 
     def fold(x):  # memories into the batch: the scan sees M' * b independent sequences
@@ -318,7 +290,7 @@ class MixtureOfMemories(nn.Module):
     c = self.config
     dtype = dtype_from_name(c.compute_dtype)
     heads, dk, dv, n, m, width = self._dims()
-    use_beta, use_g, _ = RULES[c.memory_rule]
+    use_g, use_beta = rule_flags(c.memory_rule)
     impl = c.get("mom_impl", "gather")
     b, t, e = x.shape
 
@@ -332,8 +304,8 @@ class MixtureOfMemories(nn.Module):
       per["wb"] = param_with_axes(self, "wb", _per_memory(dense_init), (m, e, heads), (None, "embed", "heads"))
     if use_g:
       per["wa"] = param_with_axes(self, "wa", _per_memory(dense_init), (m, e, heads), (None, "embed", "heads"))
-      per["a_log"] = param_with_axes(self, "a_log", _a_log_init, (m, heads), (None, "heads"))
-      per["dt_bias"] = param_with_axes(self, "dt_bias", _dt_bias_init, (m, heads), (None, "heads"))
+      per["a_log"] = param_with_axes(self, "a_log", _per_memory(a_log_init), (m, heads), (None, "heads"))
+      per["dt_bias"] = param_with_axes(self, "dt_bias", _per_memory(dt_bias_init), (m, heads), (None, "heads"))
     conv_q = None
     if width > 0:
       conv_q = param_with_axes(self, "conv_q", _conv_init, (width, heads * dk), (None, None))
