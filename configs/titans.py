@@ -62,7 +62,10 @@ def model_config(variant: str, size: str, max_len: int) -> ml_collections.Config
   # the exact token recurrence, slower). Decoding always runs the exact recurrence.
   c.memory_chunk_size = chunk
   c.memory_read = "after"  # "after" (M_{W_t}(q_t)) | "before" (M_{W_{t-1}}(q_t)) | "chunk_start" (approximate)
-  c.theta_max = 0.5  # inner learning rate theta = theta_max * sigmoid(.); depth 1: delta rule with beta <= 1
+  # Inner learning rate theta = theta_max * sigmoid(.). The chunked form applies a chunk's gradients at once,
+  # so keep theta_max * memory_chunk_size around 0.3: larger values diverge on runs of similar tokens
+  # (MQAR's zero padding; measured, see memarch/layers/neural_memory.py). With chunk 1 up to 0.5 is stable.
+  c.theta_max = 0.02
   c.conv_width = 4  # short causal depthwise convolution on q, k, v
   c.tie_embeddings = True
   c.norm_eps = 1e-6

@@ -22,11 +22,13 @@ VARIANTS = ("lmm", "mal", "mag", "mac")
 
 
 def model_config(variant="mac", **overrides):
-  """A very small model config; one layer; memory chunk 1 (exact token recurrence) unless overridden."""
+  """A very small model config; one layer; memory chunk 1 (exact token recurrence) unless overridden, with a
+  large inner learning rate (stable at chunk 1) so that the memory's contribution is far above tolerances."""
   m = titans.get_config(f"variant={variant},size=tiny").model.to_dict()
   blocks = tuple(b for b in m["layer_blocks"] if b != "mlp")  # the MLP adds compile time and no coverage here
   m.update(vocab_size=VOCAB, embed_dim=16, num_heads=2, num_layers=1, mlp_dim=16, window=4, segment_len=4,
-           num_persistent=2, memory_chunk_size=1, memory_expansion=2, attention_impl="reference", max_len=16,
+           num_persistent=2, memory_chunk_size=1, memory_expansion=2, theta_max=0.5, attention_impl="reference",
+           max_len=16,
            layer_blocks=blocks)
   m.update(overrides)
   return ml_collections.FrozenConfigDict(m)

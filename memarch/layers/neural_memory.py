@@ -17,11 +17,18 @@ are learned parameters, broadcast over the batch; the momentum S starts at zero.
 the chunked parallel form and its gradients live in `memarch.memory.neural`; this module adds the
 projections, the convolutions, the gates, the norm and the output gate.
 
-Gate initialization (the biases; chosen so a freshly initialized memory learns but stays stable):
-theta starts at theta_max / 2 (bias 0; with theta_max = 0.5 a depth-1 memory's step equals a delta rule
-with beta = 2 theta <= 1, DeltaNet's stable range), eta at sigmoid(0) = 0.5 (moderate momentum), alpha at
-sigmoid(-5) ~ 0.007 (almost no forgetting at the start: the memory keeps what it writes until the model
-learns when to forget).
+Gate initialization (the biases): theta starts at theta_max / 2 (bias 0), eta at sigmoid(0) = 0.5 (moderate
+momentum), alpha at sigmoid(-5) ~ 0.007 (almost no forgetting at the start: the memory keeps what it writes
+until the model learns when to forget).
+
+Choosing theta_max. The chunked form takes all b gradients of a chunk at the chunk's starting weights, so a
+run of similar tokens (MQAR's zero padding, repeated words) applies up to b * theta / (1 - eta) times one
+gradient in one step: mini-batch gradient descent that diverges once that step exceeds about 2 / curvature
+of the inner loss (measured, depth-2 memory, 256 identical tokens, chunk 16: the reads blow up to inf/nan
+for theta_max 0.05 at head_dim 8 and for 0.2 at head_dim 16; theta_max 0.02 stays bounded at head_dims 8,
+16 and 64). Keep theta_max * memory_chunk_size around 0.3 (configs/titans.py: 0.02 with chunks of 16).
+With chunk 1 (the exact recurrence) a depth-1 memory's step is the delta rule with beta = 2 theta, stable
+for theta <= 0.5 with unit keys.
 
 Config keys (model section): embed_dim, num_heads, head_dim (0: embed_dim // num_heads), conv_width,
 memory_depth, memory_expansion, memory_activation ("silu" | "gelu"), memory_residual (M(x) = x + MLP(x)),
@@ -207,7 +214,7 @@ class NeuralMemory(nn.Module):
     if single_step:
       r, state = neural.step(
           weights, momentum, k[:, 0], v[:, 0], q[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0], self.spec,
-          read=c.memory_read if c.memory_read != "chunk_start" else "before",
+          read=c.memory_read,  # "chunk_start" on one token reads the weights before it
       )
       return r[:, None], state
     return neural.chunked_update(
