@@ -206,9 +206,9 @@ def test_backward_memory_saves_one_state_per_chunk():
   """The compiled outer backward holds per-chunk states, not a weight matrix per token."""
   from experiments.benchmarks.harness import compiled_memory_bytes
   t, chunk = 256, 16
-  spec = nm.MemorySpec(dim=8, depth=2, expansion=4)
+  spec = nm.MemorySpec(dim=32, depth=2, expansion=4)
   w = tuple(jax.ShapeDtypeStruct((1, 1, i, o), jnp.float32) for i, o in spec.shapes)
-  seq = jax.ShapeDtypeStruct((1, t, 1, 8), jnp.float32)
+  seq = jax.ShapeDtypeStruct((1, t, 1, 32), jnp.float32)
   gate = jax.ShapeDtypeStruct((1, t, 1), jnp.float32)
   grad = jax.grad(_outer_loss(nm.chunked_update, spec, chunk, "after"), argnums=tuple(range(8)))
   mem = compiled_memory_bytes(grad, w, w, seq, seq, seq, gate, gate, gate)

@@ -413,41 +413,59 @@ def _chunk_reads(w0, s0, xs, deltas, q, beta, bs, c, spec: MemorySpec):
   return z + q if spec.residual else z
 
 
-def _chunk_step(carry, cx, *, spec: MemorySpec, read: str):
+def _read_and_end_coefficients(theta, eta, alpha, read: str, last: int):
+  """All chunks' coefficients at once (outside the sequential scan: a few large vectorized ops instead of many
+  small ones per chunk). Gates `[..., b]` (any leading axes, e.g. [n, B, H]); `last` is the row of the state
+  after the final chunk's last real token (static: every other chunk ends at row b - 1).
+
+  Returns (read coefficients (beta, bS `[..., b]`, C `[..., b, b]`) or None for read="chunk_start",
+  end coefficients (beta, bS, E `[...]`, C row, SE row `[..., b]`)).
+  """
+  co = _chunk_coefficients(theta, eta, alpha)
+  b = theta.shape[-1]
+
+  def end_row(x, vector):  # row b - 1 of every chunk, row `last` of the final one
+    pick = lambda r: x[..., r, :] if vector else x[..., r]
+    out = pick(b - 1)
+    return out if last == b - 1 else out.at[-1].set(pick(last)[-1])
+
+  end = (end_row(co["beta"], False), end_row(co["bS"], False), end_row(co["E"], False), end_row(co["C"], True),
+         end_row(co["SE"], True))
+  if read == "chunk_start":
+    return None, end
+  beta, bs, c = co["beta"], co["bS"], co["C"]
+  if read == "before":
+    # W_{t-1}: the coefficients of the previous row (row -1 is W_0 itself: beta = 1, b = 0, no gradients).
+    beta = jnp.concatenate([jnp.ones_like(beta[..., :1]), beta[..., :-1]], axis=-1)
+    bs = jnp.concatenate([jnp.zeros_like(bs[..., :1]), bs[..., :-1]], axis=-1)
+    c = jnp.concatenate([jnp.zeros_like(c[..., :1, :]), c[..., :-1, :]], axis=-2)
+  return (beta, bs, c), end
+
+
+def _chunk_step(carry, cx, *, spec: MemorySpec):
   """One chunk of `chunked_update`: carry (W_0, S_0) -> (W_end, S_end), reads `[B, H, b, dim]`.
 
-  cx: k, v, q `[B, H, b, dim]`, theta, eta, alpha `[B, H, b]`, last: the index of the chunk's last real token
-  (b - 1 except in a padded tail chunk, whose padding has theta = 0 and is read but never written).
+  cx: (k, v, q `[B, H, b, dim]`, read coefficients or None (read="chunk_start"), end coefficients), from
+  `_read_and_end_coefficients`. Padding tokens of a tail chunk have theta = 0: read but never written.
   """
   w0, s0 = carry
-  k, v, q, theta, eta, alpha, last = cx
-  co = _chunk_coefficients(theta, eta, alpha)
+  k, v, q, read_co, (beta_e, bs_e, e_e, c_e, se_e) = cx
   xs, deltas = _forward_backward(w0, k, v, spec)
 
-  if read == "chunk_start":
+  if read_co is None:  # chunk_start: every token reads W_0
     z = q
     for l in range(spec.depth):
       z = z @ w0[l]
       z = _ACTIVATIONS[spec.activation](z) if l < spec.depth - 1 else z
     reads = z + q if spec.residual else z
   else:
-    beta, bs, c = co["beta"], co["bS"], co["C"]
-    if read == "before":
-      # W_{t-1}: the coefficients of the previous row (row -1 is W_0 itself: beta = 1, b = 0, no gradients).
-      beta = jnp.concatenate([jnp.ones_like(beta[..., :1]), beta[..., :-1]], axis=-1)
-      bs = jnp.concatenate([jnp.zeros_like(bs[..., :1]), bs[..., :-1]], axis=-1)
-      c = jnp.concatenate([jnp.zeros_like(c[..., :1, :]), c[..., :-1, :]], axis=-2)
-    reads = _chunk_reads(w0, s0, xs, deltas, q, beta, bs, c, spec)
+    reads = _chunk_reads(w0, s0, xs, deltas, q, *read_co, spec)
 
-  # The state after the chunk's last real token (row `last` of the coefficients).
-  row = lambda x, axis: jax.lax.dynamic_index_in_dim(x, last, axis=axis, keepdims=False)
-  beta_e, bs_e, e_e = row(co["beta"], -1), row(co["bS"], -1), row(co["E"], -1)  # [B, H]
-  c_e, se_e = row(co["C"], -2), row(co["SE"], -2)  # [B, H, b]
+  # The state after the chunk's last real token.
   w_end, s_end = [], []
   for l in range(spec.depth):
-    xt = jnp.swapaxes(xs[l], -1, -2)  # [B, H, d_in, b]
-    w_end.append(beta_e[..., None, None] * w0[l] + bs_e[..., None, None] * s0[l]
-                 - xt @ (c_e[..., None] * deltas[l]))
+    xt = jnp.swapaxes(xs[l], -1, -2)
+    w_end.append(beta_e[..., None, None] * w0[l] + bs_e[..., None, None] * s0[l] - xt @ (c_e[..., None] * deltas[l]))
     s_end.append(e_e[..., None, None] * s0[l] - xt @ (se_e[..., None] * deltas[l]))
   return (tuple(w_end), tuple(s_end)), reads
 
@@ -469,6 +487,7 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
     `(reads [batch, seq, heads, dim] float32, (weights_T, momentum_T))`, the state float32.
 
   Memory: a `lax.scan` over chunks with a `jax.checkpoint`ed body: autodiff saves one (W, S) per chunk.
+  The coefficients depend on the gates only and are computed for all chunks before the scan.
   """
   _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, "chunked_update")
   _check_chunk(chunk_size, "chunked_update")
@@ -485,10 +504,10 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
     x = _pad_seq(x.astype(dt), total).reshape((bsz, n, b) + x.shape[2:])
     return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
-  cx = tuple(heads_major(x) for x in (k, v, q, theta, eta, alpha))
-  last = jnp.full((n,), b - 1, jnp.int32).at[-1].set((t - 1) % b)
-  body = jax.checkpoint(lambda c, x: _chunk_step(c, x, spec=spec, read=read))
-  carry, reads = jax.lax.scan(body, carry, cx + (last,))  # reads [n, B, H, b, d]
+  kc, vc, qc, thc, etc, alc = (heads_major(x) for x in (k, v, q, theta, eta, alpha))
+  read_co, end_co = _read_and_end_coefficients(thc, etc, alc, read, (t - 1) % b)
+  body = jax.checkpoint(lambda c, x: _chunk_step(c, x, spec=spec))
+  carry, reads = jax.lax.scan(body, carry, (kc, vc, qc, read_co, end_co))  # reads [n, B, H, b, d]
   reads = jnp.moveaxis(reads, 0, 1)  # [B, n, H, b, d]
   reads = jnp.swapaxes(reads, 2, 3).reshape(bsz, total, h, d)
   return reads[:, :t], carry
