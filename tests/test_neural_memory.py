@@ -251,3 +251,21 @@ def test_init_broadcast_apply():
   want = jax.jit(jax.vmap(jax.vmap(jax.vmap(lambda ws, xx: nm._apply_one(ws, xx, spec), in_axes=(0, 0)),
                                    in_axes=(None, 0)), in_axes=(0, 0)))(wb, x)
   assert rel_err(y_shared, want) < 1e-6 and rel_err(y_batched, want) < 1e-6
+
+
+def test_low_precision_inputs_and_frozen_memory():
+  """bf16 k, v, q give the float32 math on the same values; with theta = 0, no momentum and no forgetting the
+  memory is frozen and every read is apply(W_0, q)."""
+  zeros = jnp.zeros((B, 6, H), jnp.float32)
+  spec, (w, s, k, v, q, theta, eta, alpha) = make(2, t=6, gates={"theta": zeros, "alpha": zeros})
+  s = tuple(jnp.zeros_like(x) for x in s)
+  f = jax.jit(lambda *a: nm.chunked_update(*a, spec, chunk_size=4))
+  reads, (w_t, _) = f(w, s, k, v, q, theta, eta, alpha)
+  assert rel_err(reads, jax.jit(lambda w, q: nm.apply(w, q, spec))(w, q)) < 1e-6 and rel_err(w_t, w) == 0.0
+  lo = [x[:, 0].astype(jnp.bfloat16) for x in (k, v, q)]
+  gates = (0.5 + theta[:, 0], eta[:, 0], alpha[:, 0])
+  stepper = jax.jit(lambda w, s, *a: nm.step(w, s, *a, spec))
+  got = stepper(w, s, *lo, *gates)
+  want = stepper(w, s, *(x.astype(jnp.float32) for x in lo), *gates)
+  assert got[0].dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in jax.tree.leaves(got[1]))
+  assert rel_err(got, want) == 0.0
