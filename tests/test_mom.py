@@ -14,6 +14,7 @@ from configs import mom as mom_config
 from memarch import train as train_lib
 from memarch.layers.mom import MixtureOfMemories, load_balancing_loss
 from memarch.models import build_model
+from tests.test_linear_memory import conv_ref, silu  # token-loop convolution and SiLU in numpy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,22 +50,6 @@ def apply_layer(layer, params, x, **kwargs):
 # reference scan on them alone, and adds the weighted reads back at the tokens' positions.
 
 
-def _silu(x):
-  return x / (1.0 + np.exp(-x))
-
-
-def _conv_loop(x, w):
-  """x [n, C], w [W, C]: y_i = sum_j w_j x_{i-W+1+j} (zeros before the start)."""
-  width = w.shape[0]
-  y = np.zeros_like(x)
-  for i in range(x.shape[0]):
-    for j in range(width):
-      s = i - width + 1 + j
-      if s >= 0:
-        y[i] += w[j] * x[s]
-  return y
-
-
 def _l2(x):
   return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
@@ -78,10 +63,10 @@ def _memory_reads(p, cfg, xs, m):
   k = xs @ np.asarray(p["wk"][m]).reshape(e, -1)
   v = xs @ np.asarray(p["wv"][m]).reshape(e, -1)
   if cfg.conv_width:
-    q = _conv_loop(q, np.asarray(p["conv_q"]))
-    k = _conv_loop(k, np.asarray(p["conv_k"][m]))
-    v = _conv_loop(v, np.asarray(p["conv_v"][m]))
-  q, k, v = _silu(q).reshape(-1, h, dk), _silu(k).reshape(-1, h, dk), _silu(v).reshape(-1, h, dv)
+    q = conv_ref(q[None], np.asarray(p["conv_q"]))[0]
+    k = conv_ref(k[None], np.asarray(p["conv_k"][m]))[0]
+    v = conv_ref(v[None], np.asarray(p["conv_v"][m]))[0]
+  q, k, v = silu(q).reshape(-1, h, dk), silu(k).reshape(-1, h, dk), silu(v).reshape(-1, h, dv)
   beta = g = None
   if cfg.memory_rule in ("delta", "gated_delta"):
     q, k = _l2(q), _l2(k)
@@ -118,18 +103,18 @@ def reference_mom(params, cfg, x):
     if cfg.shared_memory:
       out[bi] += _memory_reads(p, cfg, x[bi], n)
   o = out / np.sqrt(np.mean(out * out, axis=-1, keepdims=True) + cfg.norm_eps) * p["o_norm"]["scale"]
-  o = o * _silu(np.einsum("bte,ehd->bthd", x, p["wg"]))
+  o = o * silu(np.einsum("bte,ehd->bthd", x, p["wg"]))
   return np.einsum("bthd,hde->bte", o, p["wo"])
 
 
-@pytest.mark.parametrize("overrides", [
-    {},  # gated delta, 3 memories, top-2, shared memory, conv width 3
-    {"memory_rule": "simple_gla", "shared_memory": False, "capacity_factor": 0.6, "conv_width": 2},  # drops
-    {"memory_rule": "linear", "top_k": 1, "conv_width": 0, "scan_impl": "xla"},  # chunked scan, T % 4 != 0
+@pytest.mark.parametrize("overrides,batch", [
+    ({}, 2),  # gated delta, 3 memories, top-2, shared memory, conv width 3
+    ({"memory_rule": "simple_gla", "shared_memory": False, "capacity_factor": 0.6, "conv_width": 2}, 1),  # drops
+    ({"memory_rule": "linear", "top_k": 1, "conv_width": 0, "scan_impl": "xla"}, 1),  # chunked scan, T % 4 != 0
 ])
-def test_layer_matches_per_memory_reference(overrides):
+def test_layer_matches_per_memory_reference(overrides, batch):
   cfg = layer_config(**overrides)
-  layer, params, x = init_layer(cfg)
+  layer, params, x = init_layer(cfg, b=batch)
   y, _ = apply_layer(layer, params, x)
   want = reference_mom(params, cfg, x)
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
