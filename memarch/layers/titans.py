@@ -113,9 +113,7 @@ class WindowAttention(nn.Module):
   @nn.compact
   def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_index=None):
     c = self.config
-    window = int(c.window)
-    if window < 1:
-      raise ValueError(f"Titans attention needs model.window >= 1 (a fixed-size cache), got {c.window}.")
+    window = _window(c)
     dtype = dtype_from_name(c.compute_dtype)
     p = _attention_params(self, c, out_init=self.out_init or residual_out_init(c.num_layers))
     x = x.astype(dtype)
@@ -151,11 +149,15 @@ class WindowAttention(nn.Module):
     return window_cache(self.config, batch)
 
 
-def window_cache(c, batch: int) -> dict[str, jax.Array]:
-  _, kv_heads, hd = _attention_dims(c)
+def _window(c) -> int:
   if int(c.window) < 1:
     raise ValueError(f"Titans attention needs model.window >= 1 (a fixed-size cache), got {c.window}.")
-  shape = (batch, int(c.window), kv_heads, hd)
+  return int(c.window)
+
+
+def window_cache(c, batch: int) -> dict[str, jax.Array]:
+  _, kv_heads, hd = _attention_dims(c)
+  shape = (batch, _window(c), kv_heads, hd)
   dtype = dtype_from_name(c.compute_dtype)
   return {"window_k": jnp.zeros(shape, dtype), "window_v": jnp.zeros(shape, dtype)}
 
