@@ -14,6 +14,7 @@ size) next to it.
 
 `--task` replaces every config's data section with a shared one (so all models see the same data):
   mqar256   MQAR (Zoology), seq 256 with 16, 32 and 64 key-value pairs, vocabulary 512
+  passkey1k passkey retrieval trained at 1024 tokens, evaluated at 1x, 4x and 16x that length
   (none)    keep each config's own data section (then they must agree: checked)
 `--set key=value` overrides apply to every config (values parsed as Python literals where possible).
 """
@@ -36,7 +37,7 @@ import numpy as np
 
 from configs import common
 
-TASKS = ("mqar256",)
+TASKS = ("mqar256", "passkey1k")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -83,6 +84,8 @@ def task_data(task: str) -> ml_collections.ConfigDict:
   if task == "mqar256":
     return common.mqar_data(vocab_size=512, settings=((256, 16), (256, 32), (256, 64)), num_train_examples=20_000,
                             num_eval_examples=256)
+  if task == "passkey1k":
+    return common.passkey_data(seq_len=1024, eval_multiples=(1, 4, 16))
   raise ValueError(f"unknown --task {task!r}; known: {TASKS}.")
 
 

@@ -31,3 +31,9 @@ def test_model_sizes_counts_params_and_cache():
   # 2 attention layers, KV cache: 2 (k, v) x 256 slots x 2 kv heads x 16 dims x 4 bytes per layer, + the index.
   assert state == 2 * 2 * 256 * 2 * 16 * 4 + 4
   assert params > 0
+
+
+def test_passkey_task_evaluates_beyond_the_training_length():
+  c = sweep.prepare("configs/transformer.py:size=tiny", "passkey1k", [], 0.01)
+  assert c.data.name == "passkey" and c.model.max_len == 1024
+  assert tuple(c.data.passkey.eval_lengths) == (1024, 4096, 16384)
