@@ -1,0 +1,70 @@
+r"""Training throughput of the MoM results' models, measured one after another under the same conditions.
+
+  python -m experiments.mom_results.throughput --batch 16 --steps 5
+
+The sweep's tokens/s come from runs that shared the machine with each other (several at a time), so they do
+not compare; this times the jitted train step (forward, backward, AdamW update) of each model on the sweep's
+data shape (MQAR, seq 256) after compilation, sequentially, and prints tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import sweep
+from memarch import data as data_lib
+from memarch import sharding as shard_lib
+from memarch.models import build_model
+from memarch.optim import make_optimizer, make_schedule
+from memarch.train import create_train_state, make_train_step, resolve_model_config
+
+MODELS = {
+    "mom": "configs/mom.py:size=tiny",
+    "gdn": "configs/gated_deltanet.py:size=tiny",
+    "gdn_x4": "experiments/mom_results/gdn_wide.py:factor=4",
+    "based": "configs/based.py:size=tiny",
+    "transformer": "configs/transformer.py:size=tiny",
+}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=5)
+  args = p.parse_args()
+  for label, spec in MODELS.items():
+    config = sweep.prepare(spec, "mqar256", [f"train.batch_size={args.batch}"], 3e-3)
+    model = build_model(resolve_model_config(config, data_lib.data_info(config.data)))
+    schedule = make_schedule(config.optim, config.train.steps)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    mesh = shard_lib.make_mesh(config.mesh)
+    rules = shard_lib.logical_rules(config.mesh)
+    state, _ = create_train_state(model, optimizer, seq_len=config.data.seq_len, rng=jax.random.key(0), mesh=mesh,
+                                  rules=rules)
+    t = config.data.seq_len
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, model.config.vocab_size, (args.batch, t + 1)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+             "loss_mask": jnp.ones((args.batch, t), jnp.float32)}
+    with jax.set_mesh(mesh):
+      step = jax.jit(make_train_step(model, optimizer, schedule))
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+      compile_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        state, m = step(state, batch)
+      jax.block_until_ready(m)
+      dt = (time.perf_counter() - t0) / args.steps
+    print(f"{label:12s} {dt * 1000:8.0f} ms/step  {args.batch * t / dt:8.0f} tokens/s  (compile+1st step {compile_s:.0f} s)",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
