@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--out", default=None, help="default bench_results/sweep_<name>.json")
   args = p.parse_args(argv)
   lrs = [float(x) for x in args.lrs.split(",") if x]
-  root = args.workdir or os.path.join("runs", f"sweep_{args.name}")
+  root = os.path.abspath(args.workdir or os.path.join("runs", f"sweep_{args.name}"))
   out = args.out or os.path.join("bench_results", f"sweep_{args.name}.json")
   specs = []
   for item in args.configs:

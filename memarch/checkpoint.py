@@ -9,6 +9,7 @@ shape is refused with a message that names what differs, before any array is rea
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -50,6 +51,7 @@ class Checkpointer:
   """A thin layer over `ocp.CheckpointManager` for the training loop."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    directory = os.path.abspath(directory)  # orbax refuses relative paths in some save paths
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "manifest"))
     self.directory = directory
