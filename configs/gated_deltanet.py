@@ -8,7 +8,8 @@ the output (memarch.layers.linear_memory.LinearMemory, rule "gated_delta").
 
 `:arg` keys: size=tiny|small|base (tiny: 2 layers of width 64, 2 heads of 32 x 32, no MLP, on the tiny
 Transformer++'s MQAR task: 64 tokens with 4, 8, 16 pairs, vocab 256; small and base add SwiGLU MLPs and use
-MQAR with the Zoology vocabulary of 8192), task=mqar|text. Model keys are documented in
+MQAR with the Zoology vocabulary of 8192), task=mqar|text, heads=N (N memory heads of the size's shape: e.g.
+`size=tiny,heads=8` has 4x the tiny state, the Mixture-of-Memories baseline with N times the state). Model keys are documented in
 configs/linear_common.py. Hybrids: `--config.model.layer_blocks='("linear_memory", "attention")'`
 (and `--config.model.window=64` for sliding-window attention). Any value can be overridden, e.g.
 `--config.train.steps=200 --config.model.conv_width=0`.

@@ -57,12 +57,13 @@ def get_linear_config(arg: str | None, *, block: str = "linear_memory", rules: t
                       ) -> ml_collections.ConfigDict:
   """A family's full, locked config.
 
-  `:arg` keys: size (tiny | small | base), task (mqar | text) and, when `rules` names more than one memory
+  `:arg` keys: size (tiny | small | base), task (mqar | text), heads (0: the size's; n: n memory heads of the
+  same shape, i.e. n / default times the recurrent state) and, when `rules` names more than one memory
   rule, rule (default: the first). Data, optim and train are the Transformer++ config's for that size and
   task (tiny: MQAR with 64 tokens and 4, 8, 16 pairs, constant lr, no weight decay). `customize(model, size)`
   edits the model section in place (e.g. Based's block layout).
   """
-  defaults = dict(size="tiny", task="mqar")
+  defaults = dict(size="tiny", task="mqar", heads=0)
   if len(rules) > 1:
     defaults["rule"] = rules[0]
   a = base.parse_arg(arg, **defaults)
@@ -75,4 +76,6 @@ def get_linear_config(arg: str | None, *, block: str = "linear_memory", rules: t
   model = linear_model_config(a.size, ref.model.max_len, rule=rule, block=block)
   if customize is not None:
     customize(model, a.size)
+  if a.heads:  # e.g. a baseline with N times the recurrent state of another model (same head shapes)
+    model.num_heads = a.heads
   return base.assemble(model=model, data=ref.data, optim=ref.optim, train=ref.train)

@@ -26,7 +26,7 @@ from memarch.train import create_train_state, make_train_step, resolve_model_con
 MODELS = {
     "mom": "configs/mom.py:size=tiny",
     "gdn": "configs/gated_deltanet.py:size=tiny",
-    "gdn_x4": "experiments/mom_results/gdn_wide.py:factor=4",
+    "gdn_x4": "configs/gated_deltanet.py:size=tiny,heads=8",
     "based": "configs/based.py:size=tiny",
     "transformer": "configs/transformer.py:size=tiny",
 }
