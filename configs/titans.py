@@ -66,6 +66,9 @@ def model_config(variant: str, size: str, max_len: int) -> ml_collections.Config
   # so keep theta_max * memory_chunk_size around 0.3: larger values diverge on runs of similar tokens
   # (MQAR's zero padding; measured, see memarch/layers/neural_memory.py). With chunk 1 up to 0.5 is stable.
   c.theta_max = 0.02
+  # theta_t scaled by (1 - eta_t): momentum as a moving average of the surprise, so the step stays bounded
+  # when the model learns eta -> 1 (False: the paper's parametrization; diverged on MQAR at lr >= 3e-3).
+  c.memory_ema_momentum = True
   c.conv_width = 4  # short causal depthwise convolution on q, k, v
   c.tie_embeddings = True
   c.norm_eps = 1e-6

@@ -101,7 +101,8 @@ def _memory_inputs(p, x, c):
   proj = lambda name: _conv_silu(x @ np.asarray(p[name]).reshape(e, -1), np.asarray(p["conv_" + name[1]]["kernel"]))
   q, k, v = (proj(n).reshape(b, t, h, -1) for n in ("wq", "wk", "wv"))
   z = _sigmoid(np.einsum("bte,egh->btgh", x, np.asarray(p["w_gates"])) + np.asarray(p["b_gates"]))
-  return _l2(q), _l2(k), v, c.theta_max * z[:, :, 0], z[:, :, 1], z[:, :, 2]
+  theta = c.theta_max * z[:, :, 0] * ((1 - z[:, :, 1]) if c.memory_ema_momentum else 1.0)
+  return _l2(q), _l2(k), v, theta, z[:, :, 1], z[:, :, 2]
 
 
 def _memory_out(p, reads, gate_in):

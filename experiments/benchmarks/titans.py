@@ -38,7 +38,7 @@ def layer_config(chunk: int) -> ml_collections.FrozenConfigDict:
   return ml_collections.FrozenConfigDict(dict(
       embed_dim=D_MODEL, num_heads=HEADS, head_dim=0, conv_width=4, memory_depth=DEPTH,
       memory_expansion=EXPANSION, memory_activation="silu", memory_residual=False, memory_chunk_size=chunk,
-      memory_read="after", theta_max=0.02, norm_eps=1e-6, compute_dtype="float32", num_layers=1,
+      memory_read="after", theta_max=0.02, memory_ema_momentum=True, norm_eps=1e-6, compute_dtype="float32", num_layers=1,
   ))
 
 

@@ -22,19 +22,27 @@ momentum), alpha at sigmoid(-5) ~ 0.007 (almost no forgetting at the start: the 
 until the model learns when to forget).
 
 Choosing theta_max. The chunked form takes all b gradients of a chunk at the chunk's starting weights, so a
-run of similar tokens (MQAR's zero padding, repeated words) applies up to b * theta / (1 - eta) times one
-gradient in one step: mini-batch gradient descent that diverges once that step exceeds about 2 / curvature
-of the inner loss (measured, depth-2 memory, 256 identical tokens, chunk 16: the reads blow up to inf/nan
-for theta_max 0.05 at head_dim 8 and for 0.2 at head_dim 16; theta_max 0.02 stays bounded at head_dims 8,
-16 and 64). Keep theta_max * memory_chunk_size around 0.3 (configs/titans.py: 0.02 with chunks of 16).
+run of similar tokens (MQAR's zero padding, repeated words) applies the same gradient b times in one step,
+and with momentum eta each application is carried on: up to b * theta / (1 - eta) times one gradient (and
+~b^2 theta / 2 as eta -> 1). Mini-batch gradient descent diverges once that step exceeds about 2 / curvature
+of the inner loss (measured, depth-2 memory, 256 identical tokens, chunk 16, eta ~ 0.5: the reads blow up to
+inf/nan for theta_max 0.05 at head_dim 8 and for 0.2 at head_dim 16; theta_max 0.02 stays bounded at head
+dims 8, 16 and 64). Training then pushes eta up: on MQAR (seq 256, 150 steps) the paper's parametrization
+gave nan losses at outer learning rates >= 3e-3. Two knobs keep the step bounded:
+- theta_max: keep theta_max * memory_chunk_size around 0.3 (configs/titans.py: 0.02 with chunks of 16).
+- memory_ema_momentum (default True in configs/titans.py): theta_t is scaled by (1 - eta_t), i.e.
+  S_t = eta_t S_{t-1} - (1 - eta_t) theta'_t u_t, momentum as an exponential moving average of the surprise
+  (Adam's first moment). It is the paper's recurrence with theta_t = (1 - eta_t) theta'_t (the memory math is
+  unchanged); it bounds the momentum's amplification 1 / (1 - eta) to 1 whatever eta the model learns, so
+  a chunk moves the weights by at most b * theta_max gradients.
 With chunk 1 (the exact recurrence) a depth-1 memory's step is the delta rule with beta = 2 theta, stable
 for theta <= 0.5 with unit keys.
 
 Config keys (model section): embed_dim, num_heads, head_dim (0: embed_dim // num_heads), conv_width,
 memory_depth, memory_expansion, memory_activation ("silu" | "gelu"), memory_residual (M(x) = x + MLP(x)),
 memory_chunk_size (tokens per chunk of the parallel form: gradients inside a chunk are taken at the chunk's
-starting weights), memory_read ("after" | "before" | "chunk_start"), theta_max, norm_eps, compute_dtype,
-num_layers.
+starting weights), memory_read ("after" | "before" | "chunk_start"), theta_max, memory_ema_momentum (theta
+scaled by 1 - eta), norm_eps, compute_dtype, num_layers.
 
 Decoding. The cache is `{"weights", "momentum", "conv_q", "conv_k", "conv_v"}`: the memory state (tuples
 of float32 `[batch, heads, d_in, d_out]`, a fixed size whatever the context) and the short convolutions'
@@ -197,8 +205,12 @@ class NeuralMemory(nn.Module):
     v = self._heads(v)
     z = dense(x, self.w_gates).astype(jnp.float32) + self.b_gates  # [b, t, 3, h]
     gates = jax.nn.sigmoid(z)
+    eta = gates[:, :, 1]
     theta = c.theta_max * gates[:, :, 0]
-    return q, k, v, theta, gates[:, :, 1], gates[:, :, 2], (cq, ck, cv)
+    if c.memory_ema_momentum:
+      # S_t = eta S_{t-1} - (1 - eta) theta' u_t: momentum as an average of past surprise (see the docstring).
+      theta = theta * (1 - eta)
+    return q, k, v, theta, eta, gates[:, :, 2], (cq, ck, cv)
 
   def initial_state(self, batch: int):
     """(W_0 broadcast to `[batch, heads, d_in, d_out]` float32, zero momentum)."""
