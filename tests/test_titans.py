@@ -13,6 +13,8 @@ from memarch.layers.neural_memory import NeuralMemory
 from memarch.layers.titans import MemoryAsContext
 from memarch.memory import neural
 from memarch.models import build_model
+from tests.test_linear_memory import conv_ref  # token-loop depthwise convolution in numpy
+from tests.test_linear_memory import silu as _silu
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,24 +59,13 @@ def model_fns(variant, **overrides):
 # ------------------------------------------------------------------------------- hand-written references
 
 
-def _silu(x):
-  return x / (1 + np.exp(-x))
-
-
 def _sigmoid(x):
   return 1 / (1 + np.exp(-x))
 
 
 def _conv_silu(u, kernel):
   """Depthwise causal conv by a direct loop, then SiLU. u [b, t, c], kernel [W, c]."""
-  w = kernel.shape[0]
-  out = np.zeros_like(u)
-  for t in range(u.shape[1]):
-    for j in range(w):
-      s = t - w + 1 + j
-      if s >= 0:
-        out[:, t] += kernel[j] * u[:, s]
-  return _silu(out)
+  return _silu(conv_ref(u, kernel))
 
 
 def _l2(x):
