@@ -136,7 +136,11 @@ def run_one(config, workdir: str) -> dict[str, Any]:
       return done
   from memarch.train import train_and_evaluate  # noqa: PLC0415
 
-  result = train_and_evaluate(config, workdir)
+  try:
+    result = train_and_evaluate(config, workdir)
+  except FloatingPointError as e:  # a diverged lr is a result of the sweep, not the end of it
+    print(f"  {workdir}: diverged ({e})", flush=True)
+    return {"step": None, "eval": {}, "train": {}, "diverged": str(e)}
   return {"step": result.step, "eval": result.eval_metrics, "train": result.train_metrics}
 
 
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n== {label} lr {lr:g} -> {workdir}", flush=True)
     t0 = time.time()
     done = run_one(config, workdir)
-    runs.append({"label": label, "lr": lr, "workdir": workdir, "eval": done["eval"],
+    runs.append({"label": label, "lr": lr, "workdir": workdir, "eval": done["eval"], "diverged": "diverged" in done,
                  "mean_accuracy": mean_accuracy(done["eval"]), "tokens_per_sec": train_tokens_per_sec(workdir),
                  "wall_s": time.time() - t0})
 
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   table = [{"model": m["label"], "best_lr": m["best_lr"], **{s: m["accuracy"][s] for s in eval_sets},
             "mean_acc": m["mean_accuracy"], "tokens/s": m["tokens_per_sec"], "params": m["params"], "state_KiB": m["state_bytes"] / 1024,
             "acc@lrs": " ".join(f"{k}:{v:.3f}" for k, v in m["all_lrs"].items())} for m in models]
+  # A diverged lr shows as nan in acc@lrs (its mean accuracy is nan) and is never the best.
   print(f"\nsweep {args.name}: accuracy of the best lr per model (seed {first.train.seed})")
   print(format_table(table, list(table[0])))
   write_json(out, summary)
