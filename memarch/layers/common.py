@@ -65,6 +65,13 @@ def dense(x: jax.Array, w: jax.Array, *, contract: int = 1) -> jax.Array:
   return y.reshape(*lead, *out_shape)
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(|x|^2 + eps) over the last axis, statistics in float32, result in x's dtype (the q and k of
+  delta-rule and neural memories: a unit key keeps the delta write a contraction)."""
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis: x / rms(x) * scale, statistics in float32. x: [..., dim]."""
 

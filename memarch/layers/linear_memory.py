@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, head_out_param, param_with_axes
+from memarch.layers.common import (RMSNorm, dense, dense_init, dtype_from_name, head_out_param, l2_normalize,
+                                   param_with_axes)
 from memarch.layers.short_conv import ShortConv
 
 MEMORY_RULES = ("linear", "simple_gla", "delta", "gated_delta")
@@ -84,10 +85,6 @@ def dt_bias_init(key, shape, dtype=jnp.float32, dt_min: float = 1e-3, dt_max: fl
   return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # softplus^{-1}(dt) = dt + log(1 - exp(-dt))
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(|x|^2 + eps) over the last axis, statistics in float32, result in x's dtype."""
-  xf = x.astype(jnp.float32)
-  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def log_decay(a: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> jax.Array:

@@ -72,9 +72,9 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
-from memarch.layers.linear_memory import (a_log_init, dt_bias_init, l2_normalize, log_decay, rule_flags,
-                                          write_strength)
+from memarch.layers.common import (RMSNorm, dense, dense_init, dtype_from_name, l2_normalize, param_with_axes,
+                                   residual_out_init)
+from memarch.layers.linear_memory import a_log_init, dt_bias_init, log_decay, rule_flags, write_strength
 from memarch.layers.short_conv import causal_conv
 
 IMPLS = ("gather", "dense")

@@ -67,7 +67,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.common import RMSNorm, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
+from memarch.layers.common import (RMSNorm, dense, dense_init, dtype_from_name, l2_normalize, param_with_axes,
+                                   residual_out_init)
 from memarch.layers.short_conv import ShortConv
 from memarch.memory import neural
 
@@ -112,10 +113,6 @@ def check_config(config) -> None:
                      "when head_dim is 0.")
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / ||x|| over the last axis, in float32 (then x's dtype)."""
-  xf = x.astype(jnp.float32)
-  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def select_initial(cache_weights, init_weights, cache_index):
