@@ -1,5 +1,8 @@
 """The sweep's config handling: shared task data, overrides on locked configs, protocol errors before training."""
 
+import json
+import os
+
 import pytest
 
 from experiments import sweep
@@ -10,7 +13,8 @@ pytestmark = pytest.mark.timeout(60)
 def test_prepare_applies_task_overrides_and_lr():
   c = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.steps=7", "train.batch_size=8"], 0.01)
   assert c.data.seq_len == 256 and c.model.max_len == 256
-  assert c.data.mqar.settings == ((256, 16), (256, 32), (256, 64))
+  assert c.data.mqar.settings == ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))  # Zoology's mixture
+  assert c.data.mqar.eval_settings == ((256, 16), (256, 32), (256, 64))
   assert (c.train.steps, c.train.batch_size, c.optim.lr) == (7, 8, 0.01)
 
 
@@ -37,3 +41,25 @@ def test_passkey_task_evaluates_beyond_the_training_length():
   c = sweep.prepare("configs/transformer.py:size=tiny", "passkey1k", [], 0.01)
   assert c.data.name == "passkey" and c.model.max_len == 1024
   assert tuple(c.data.passkey.eval_lengths) == (1024, 4096, 16384)
+
+
+@pytest.mark.timeout(240)
+def test_stages_extend_runs_and_match_a_straight_run(tmp_path, monkeypatch):
+  """--stages 3,6 trains to step 3, then resumes every run to step 6: the stage-6 result equals that of a run
+  trained straight to 6 (constant schedule, data position restored), and a re-run retrains nothing."""
+  monkeypatch.chdir(tmp_path)
+  cfg = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py")
+  common = ["--lrs", "3e-3", "--set", "train.batch_size=2", "--set", "optim.schedule=constant",
+            "--set", "optim.warmup_steps=2", "--set", "eval.max_batches=1", "--set", "train.eval_every=0",
+            "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
+            "--set", "data.mqar.use_tfds=False", "--task", "mqar256"]
+  staged = sweep.main(["--name", "staged", "--stages", "3,6", "--configs", f"tf={cfg}:size=tiny", *common])
+  straight = sweep.main(["--name", "straight", "--set", "train.steps=6", "--configs", f"tf={cfg}:size=tiny", *common])
+  assert staged["protocol"]["steps"] == 6
+  assert os.path.exists("bench_results/sweep_staged_steps3.json") and os.path.exists("bench_results/sweep_staged_stages.png")
+  a, b = staged["runs"][0]["eval"], straight["runs"][0]["eval"]
+  assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+  with open(os.path.join(staged["runs"][0]["workdir"], "result_step3.json")) as f:
+    assert json.load(f)["step"] == 3
+  again = sweep.main(["--name", "staged", "--stages", "3,6", "--configs", f"tf={cfg}:size=tiny", *common])
+  assert again["runs"][0]["eval"] == staged["runs"][0]["eval"]

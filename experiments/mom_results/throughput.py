@@ -29,6 +29,10 @@ MODELS = {
     "gdn_x4": "configs/gated_deltanet.py:size=tiny,heads=8",
     "based": "configs/based.py:size=tiny",
     "transformer": "configs/transformer.py:size=tiny",
+    "mac": "configs/titans.py:variant=mac",
+    "mag": "configs/titans.py:variant=mag",
+    "mal": "configs/titans.py:variant=mal",
+    "lmm": "configs/titans.py:variant=lmm",
 }
 
 
@@ -36,8 +40,10 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
   args = p.parse_args()
-  for label, spec in MODELS.items():
+  for label in args.models.split(","):
+    spec = MODELS[label]
     config = sweep.prepare(spec, "mqar256", [f"train.batch_size={args.batch}"], 3e-3)
     model = build_model(resolve_model_config(config, data_lib.data_info(config.data)))
     schedule = make_schedule(config.optim, config.train.steps)
