@@ -71,6 +71,14 @@ def train_config(*, steps: int = 1000, batch_size: int = 64) -> ml_collections.C
   c.checkpoint_every = 500  # steps between checkpoints (0: only at the end)
   c.keep_checkpoints = 3  # how many recent checkpoints to keep
   c.async_checkpoint = True  # save in the background while training goes on
+  # Record each finished checkpoint's file sizes and CRC32s, and check them before restoring: a truncated or
+  # missing file is named, that step is set aside, and the run resumes from the previous good one.
+  c.verify_checkpoints = True
+  # SIGTERM / SIGINT (preemption, Ctrl-C): checkpoint at the current step, wait for the save, exit with a message.
+  c.handle_signals = True
+  # A step with a non-finite loss or gradient is skipped (not applied); this many in a row stop the run with an
+  # error naming the step and the batch (saved to <workdir>/nonfinite_batch_step<N>.npz). 0: stop at the first.
+  c.max_nonfinite_steps = 10
   c.progress = "auto"  # "auto" (a tqdm bar on a terminal, lines otherwise) | "bar" | "lines" | "none"
   c.tensorboard = True  # also write TensorBoard event files (tensorboardX)
   return c
