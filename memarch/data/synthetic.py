@@ -177,19 +177,26 @@ def setting_rng(seed: int, split: str, seq_len: int, num_kv_pairs: int) -> np.ra
   return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], seq_len, num_kv_pairs]))
 
 
-def validate_settings(settings: Sequence[Sequence[int]], seq_len: int, vocab_size: int, power_a: float) -> None:
-  """Raises ValueError if any (T, k) of a mixture cannot be generated or is longer than seq_len."""
+def validate_settings(settings: Sequence[Sequence[int]], seq_len: int, vocab_size: int, power_a: float, *,
+                      what: str = "data.mqar.settings") -> None:
+  """Raises ValueError if any (T, k) of a mixture cannot be generated or is longer than seq_len.
+
+  The message names `what` (the config key holding the settings) and the offending (T, k) setting."""
   if not settings:
-    raise ValueError("MQAR: the list of (seq_len, num_kv_pairs) settings is empty.")
+    raise ValueError(f"MQAR: {what} (the list of (seq_len, num_kv_pairs) settings) is empty.")
   for setting in settings:
     if len(setting) != 2:
-      raise ValueError(f"MQAR: each setting is a (seq_len, num_kv_pairs) pair, got {tuple(setting)}.")
+      raise ValueError(f"MQAR: each setting of {what} is a (seq_len, num_kv_pairs) pair, got {tuple(setting)}.")
     t, k = int(setting[0]), int(setting[1])
     if t > seq_len:
       raise ValueError(
-          f"MQAR: setting (seq_len={t}, num_kv_pairs={k}) is longer than data.seq_len={seq_len}; "
+          f"MQAR: setting (seq_len={t}, num_kv_pairs={k}) of {what} is longer than data.seq_len={seq_len}; "
           f"raise data.seq_len to at least {t}.")
-    validate_mqar_setting(vocab_size=vocab_size, seq_len=t, num_kv_pairs=k, power_a=power_a)
+    try:
+      validate_mqar_setting(vocab_size=vocab_size, seq_len=t, num_kv_pairs=k, power_a=power_a)
+    except ValueError as e:
+      raise ValueError(f"MQAR: setting (seq_len={t}, num_kv_pairs={k}) of {what} cannot be generated: "
+                       f"{str(e).removeprefix('MQAR: ')}") from None
 
 
 def mqar_mixture(
@@ -235,7 +242,7 @@ def mqar_eval_sets(
     power_a: float = 0.01,
 ) -> dict[str, dict[str, np.ndarray]]:
   """One held-out set per eval setting, keyed by `setting_name(T, k)`; arrays [num_examples, seq_len]."""
-  validate_settings(eval_settings, seq_len, vocab_size, power_a)
+  validate_settings(eval_settings, seq_len, vocab_size, power_a, what="data.mqar.eval_settings")
   names = [setting_name(int(t), int(k)) for t, k in eval_settings]
   if len(set(names)) != len(names):
     raise ValueError(f"MQAR: the eval settings have duplicates: {tuple(map(tuple, eval_settings))}.")

@@ -138,9 +138,13 @@ def local_text_sources(
     pattern: str, *, seq_len: int, val_fraction: float, tokenizer: ByteTokenizer,
 ) -> tuple[PackedTextSource, PackedTextSource | None]:
   """(train, validation or None if val_fraction == 0) packed sources of the files matching `pattern`."""
-  stream = tokenize_stream(read_text_files(pattern), tokenizer)
-  train, val = split_stream(stream, val_fraction)
+  docs = read_text_files(pattern)
   origin = f"data.files={pattern!r}"
+  if not any(docs):
+    raise ValueError(f"{origin}: the corpus is empty: the {len(docs)} matching file(s) hold no text. "
+                     "Point data.files at non-empty text files.")
+  stream = tokenize_stream(docs, tokenizer)
+  train, val = split_stream(stream, val_fraction)
   train_src = PackedTextSource(train, seq_len, tokenizer.EOS)
   _check_rows(train_src, "train", origin)
   if val_fraction == 0:

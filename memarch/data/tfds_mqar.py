@@ -88,7 +88,7 @@ def make_builder_config(
   eval_settings = tuple((int(t), int(k)) for t, k in eval_settings)
   # Validate before anything touches the disk, so a bad config fails with the generator's message.
   synthetic.validate_settings(settings, seq_len, vocab_size, power_a)
-  synthetic.validate_settings(eval_settings, seq_len, vocab_size, power_a)
+  synthetic.validate_settings(eval_settings, seq_len, vocab_size, power_a, what="data.mqar.eval_settings")
   names = [synthetic.setting_name(t, k) for t, k in eval_settings]
   if len(set(names)) != len(names):
     raise ValueError(f"MQAR: data.mqar.eval_settings has duplicates: {eval_settings}.")

@@ -25,17 +25,27 @@ def _is_concrete(x) -> bool:
 
 
 def check_token_ids(tokens, vocab_size: int, what: str = "token ids") -> None:
-  """Raises ValueError if concrete token ids fall outside [0, vocab_size) (no-op under tracing)."""
+  """Raises ValueError if concrete token ids fall outside [0, vocab_size) (no-op under tracing).
+
+  The message names the first offending id in row-major order: its index (batch row and column for
+  `[batch, seq]` ids), its value, how many ids are out of range, and the range of all ids.
+  """
   if tokens is None or not _is_concrete(tokens):
     return
   ids = np.asarray(tokens)  # numpy, so the check itself is never traced
   if ids.size == 0:
     return
-  lo, hi = int(ids.min()), int(ids.max())
-  if lo < 0 or hi >= vocab_size:
+  bad = (ids < 0) | (ids >= vocab_size)
+  if bad.any():
+    first = np.unravel_index(int(np.argmax(bad.reshape(-1))), ids.shape)
+    if ids.ndim == 2:
+      where = f"batch row {int(first[0])}, column {int(first[1])}"
+    else:
+      where = f"index {tuple(int(i) for i in first)}"
     raise ValueError(
-        f"{what} must be in [0, {vocab_size}) (the model's vocab_size); got min {lo}, max {hi}. "
-        "Check data.vocab_size / model.vocab_size."
+        f"{what} must be in [0, {vocab_size}) (the model's vocab_size); the first out-of-range id is "
+        f"{int(ids[first])} at {where} ({int(bad.sum())} of {ids.size} ids out of range; min {int(ids.min())}, "
+        f"max {int(ids.max())}). Check data.vocab_size / model.vocab_size."
     )
 
 
