@@ -3,11 +3,14 @@ r"""Trains and evaluates a model from an ml-collections config.
   python -m experiments.run --config configs/transformer.py:size=tiny --workdir runs/tiny
   python -m experiments.run --config configs/transformer.py:size=tiny --workdir runs/tiny --config.train.steps=200
 
-Re-running with the same --workdir resumes from its latest checkpoint. Metrics go to
+Re-running with the same --workdir resumes from its latest checkpoint. SIGTERM or SIGINT (preemption, Ctrl-C)
+saves a checkpoint at the current step and exits with status 128 + signal; running again resumes there. Metrics go to
 <workdir>/metrics.jsonl and <workdir>/tensorboard; the resolved config to <workdir>/config.json.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,9 +23,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from memarch.train import train_and_evaluate  # noqa: PLC0415 - keep --help fast
+  from memarch.preemption import Preempted  # noqa: PLC0415 - keep --help fast
+  from memarch.train import train_and_evaluate  # noqa: PLC0415
 
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Preempted as e:  # SIGTERM / SIGINT: checkpointed; a scheduler re-running this command resumes
+    print(f"memarch: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   summary = "  ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
   print(f"final eval @ step {result.step}: {summary}", flush=True)
 

@@ -15,6 +15,17 @@ from typing import Any
 import numpy as np
 
 
+def host_rss_mib() -> float:
+  """Resident memory of this process in MiB (Linux /proc; elsewhere the peak from getrusage)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError, IndexError):
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class MetricWriter:
   """Appends scalars to `workdir/metrics.jsonl` and, optionally, TensorBoard event files."""
 

@@ -26,7 +26,8 @@ import optax
 from memarch import checkpoint as ckpt_lib
 from memarch import data as data_lib
 from memarch import sharding as shard_lib
-from memarch.metrics import MetricWriter, Progress
+from memarch.metrics import MetricWriter, Progress, host_rss_mib
+from memarch.preemption import Preempted, SignalCheckpoint
 from memarch.models import build_model
 from memarch.models.lm import check_token_ids
 from memarch.optim import make_optimizer, make_schedule
@@ -89,16 +90,25 @@ def training_loss(model, params, batch):
 
 
 def make_train_step(model, optimizer, schedule):
+  """One optimizer step. A step whose objective or gradient norm is not finite is skipped: parameters and
+  optimizer moments stay as they were (the step counter and the data still advance), and metrics["nonfinite"]
+  is 1 for the loop to count."""
+
   def train_step(state: TrainState, batch):
-    (_, (sums, metrics)), grads = jax.value_and_grad(
+    (objective, (sums, metrics)), grads = jax.value_and_grad(
         functools.partial(training_loss, model), has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state))
     metrics = {
         **metrics,
         "accuracy": sums["correct_sum"] / jnp.maximum(sums["count"], 1.0),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state.step),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -169,6 +179,60 @@ def evaluate(eval_step_fn, params, eval_sets, *, mesh, vocab_size: int, max_batc
   return out
 
 
+def mean_metrics(fetched: list[dict[str, Any]]) -> dict[str, float]:
+  """Means over a logging interval of the steps that were applied; `nonfinite_steps` counts the skipped ones
+  (all skipped: the means are over them, so the log shows the nan or inf)."""
+  good = [m for m in fetched if not m["nonfinite"]] or fetched
+  out = {k: float(np.mean([m[k] for m in good])) for k in fetched[0] if k != "nonfinite"}
+  out["lr"] = float(fetched[-1]["lr"])
+  out["nonfinite_steps"] = float(sum(m["nonfinite"] for m in fetched))
+  return out
+
+
+class NonfiniteGuard:
+  """Counts skipped (non-finite) steps in a row and stops the run after `limit` of them.
+
+  The flag of step s is read after step s+1 is dispatched, so the host never waits for the device on a
+  healthy run. The stop is a FloatingPointError that names the step and the batch; the offending batch is
+  saved to <workdir>/nonfinite_batch_step<N>.npz; no checkpoint is written after a skipped step's error, so the
+  last good checkpoint stays the latest.
+  """
+
+  def __init__(self, limit: int, workdir: str, checkpointer):
+    self.limit, self.workdir, self.checkpointer = max(int(limit), 0), workdir, checkpointer
+    self.streak, self.first = 0, None
+    self._previous = None  # (step, host batch, metrics) of the step whose flag is read next
+
+  def _check(self, step: int, batch, metrics) -> None:
+    if not float(jax.device_get(metrics["nonfinite"])):
+      self.streak, self.first = 0, None
+      return
+    self.streak += 1
+    self.first = self.first or step
+    if self.streak > self.limit:
+      path = os.path.join(self.workdir, f"nonfinite_batch_step{step}.npz")
+      if jax.process_index() == 0:
+        np.savez(path, **{k: np.asarray(v) for k, v in batch.items() if v is not None})
+      m = jax.device_get(metrics)
+      raise FloatingPointError(
+          f"{self.streak} training steps in a row had a non-finite loss or gradient (steps {self.first}..{step}; "
+          f"at step {step}: loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}). None of them was applied. "
+          f"Step {step} trained on batch {step - 1} of the data order, saved to {path}. The last good checkpoint "
+          f"is step {self.checkpointer.latest_step()}. Lower optim.lr, check the data, or raise "
+          f"train.max_nonfinite_steps (now {self.limit})."
+      )
+
+  def after_dispatch(self, step: int, batch, metrics) -> None:
+    if self._previous is not None:
+      self._check(*self._previous)
+    self._previous = (step, batch, metrics)
+
+  def finish(self) -> None:
+    if self._previous is not None:
+      self._check(*self._previous)
+      self._previous = None
+
+
 def save_config(config, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -219,14 +283,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   )
 
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
+      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+      async_save=config.train.async_checkpoint, verify=config.train.verify_checkpoints,
   )
-  start = checkpointer.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    state, data_state = checkpointer.restore(start, abstract, manifest)
+  # The live state's arrays carry their shardings (state_sh has a sharding where optax keeps an empty
+  # MaskedNode, e.g. under muon, so it does not map leaf for leaf onto the state).
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpointer.restore_latest(abstract, manifest)  # falls back past damaged steps, naming them
+  start = 0
+  if restored is not None:
+    start, state, data_state = restored
     train_iter.set_state(data_state)
-  start = int(start or 0)
 
   writer = MetricWriter(workdir, tensorboard=config.train.tensorboard, enabled=is_main)
   progress = Progress(
@@ -251,31 +318,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     eval_metrics: dict[str, float] = {}
     step = start
     last = steps if stop_after is None else min(steps, start + stop_after)
-    while step < last:
-      batch = next(train_iter)
-      check_batch(batch, model_config.vocab_size)
-      state, metrics = train_step(state, shard_lib.place_batch(batch, mesh))
-      step += 1
-      pending.append(metrics)
-      if step % config.train.log_every == 0 or step == steps:
-        fetched = jax.device_get(pending)
-        train_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        train_metrics["lr"] = float(fetched[-1]["lr"])
-        if not np.isfinite(train_metrics["loss"]):
-          raise FloatingPointError(
-              f"training loss is {train_metrics['loss']} at step {step}; lower optim.lr or check the data. "
-              f"The last good checkpoint is step {checkpointer.latest_step()}."
-          )
-        sps, tps, _ = progress.rates(step)
-        writer.write(step, "train", {**train_metrics, "steps_per_sec": sps, "tokens_per_sec": tps})
-        progress.update(step, train_metrics)
-        pending = []
-      if (config.train.eval_every and step % config.train.eval_every == 0) or step == steps:
-        eval_metrics = run_eval(state.params)
-        writer.write(step, "eval", eval_metrics)
-        progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-      if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == last:
-        checkpointer.save(step, state, train_iter.get_state(), manifest, force=True)
+    nonfinite = NonfiniteGuard(config.train.max_nonfinite_steps, workdir, checkpointer)
+    with SignalCheckpoint(enabled=config.train.handle_signals) as signals:
+      while step < last:
+        batch = next(train_iter)
+        check_batch(batch, model_config.vocab_size)
+        state, metrics = train_step(state, shard_lib.place_batch(batch, mesh))
+        step += 1
+        nonfinite.after_dispatch(step, batch, metrics)  # checks the previous step's flag (one step of lag)
+        pending.append(metrics)
+        if step % config.train.log_every == 0 or step == last:
+          fetched = jax.device_get(pending)
+          train_metrics = mean_metrics(fetched)
+          sps, tps, _ = progress.rates(step)
+          writer.write(step, "train", {**train_metrics, "steps_per_sec": sps, "tokens_per_sec": tps,
+                                       "host_rss_mib": host_rss_mib()})
+          progress.update(step, train_metrics)
+          pending = []
+        if step == last:
+          nonfinite.finish()
+        if (config.train.eval_every and step % config.train.eval_every == 0) or step == steps:
+          eval_metrics = run_eval(state.params)
+          writer.write(step, "eval", eval_metrics)
+          progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        preempted = signals.signum is not None or checkpointer.reached_preemption(step)
+        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == last or preempted:
+          checkpointer.save(step, state, train_iter.get_state(), manifest, force=True)
+        if preempted:
+          progress.message(f"signal received: checkpoint at step {step} saved, waiting for it to be written ...")
+          checkpointer.wait()
+          checkpointer.close()
+          progress.close()
+          writer.close()
+          raise Preempted(step, signals.signum, workdir)
     if not eval_metrics and step == steps:  # resumed a finished run: evaluate what was restored
       eval_metrics = run_eval(state.params)
       progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
