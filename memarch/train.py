@@ -333,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
           sps, tps, _ = progress.rates(step)
           writer.write(step, "train", {**train_metrics, "steps_per_sec": sps, "tokens_per_sec": tps,
                                        "host_rss_mib": host_rss_mib()})
-          progress.update(step, train_metrics)
+          progress.update(step, {k: v for k, v in train_metrics.items() if k != "nonfinite_steps" or v})
           pending = []
         if step == last:
           nonfinite.finish()
