@@ -61,6 +61,16 @@ def cross_entropy(logits, targets, mask):
   return {"loss_sum": jnp.sum(nll * mask), "correct_sum": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def loss_mask(model, batch):
+  """The batch's loss mask, times the model's own per-position mask when it has one (HMT's "prefix" recall
+  takes no loss on each segment's prefix: `position_loss_mask(seq_len) -> [seq_len]`)."""
+  mask = batch["loss_mask"]
+  position_mask = getattr(model, "position_loss_mask", None)
+  if position_mask is not None:
+    mask = mask * jnp.asarray(position_mask(mask.shape[1]), mask.dtype)[None]
+  return mask
+
+
 def _model_inputs(batch):
   return dict(segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
 
@@ -76,7 +86,7 @@ def training_loss(model, params, batch):
   """
   logits, sown = model.apply(
       {"params": params}, batch["inputs"], **_model_inputs(batch), mutable=["losses", "metrics"])
-  sums = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  sums = cross_entropy(logits, batch["targets"], loss_mask(model, batch))
   loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
   metrics = {"loss": loss}
   aux = jax.tree.leaves(sown.get("losses", {}))
@@ -118,7 +128,7 @@ def make_train_step(model, optimizer, schedule):
 def make_eval_step(model):
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch))
-    return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return cross_entropy(logits, batch["targets"], loss_mask(model, batch))
 
   return eval_step
 
