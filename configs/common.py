@@ -76,3 +76,71 @@ def passkey_data(
   c.prefetch_batches = 4  # finished batches kept ahead of the loop
   c.seed = 0  # data order and generation
   return c
+
+
+def _text_task_data(name: str, *, seq_len: int, train_lengths: tuple[int, ...] | None,
+                    eval_lengths: tuple[int, ...] | None, eval_depths: tuple[float, ...],
+                    num_train_examples: int, num_eval_examples: int) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = name  # "niah" | "passkey_text" | "babilong" (memarch/data/text_tasks.py); byte tokenizer (259 ids)
+  c.seq_len = seq_len  # training length; every training batch is [batch, seq_len]
+  c.qa = ml_collections.ConfigDict()
+  # Training mixture of example lengths (like MQAR settings); the longest must be seq_len, shorter ones are
+  # right-padded (loss-masked). () means (seq_len,).
+  c.qa.train_lengths = tuple(train_lengths or (seq_len,))
+  c.qa.eval_lengths = tuple(eval_lengths or (seq_len, 4 * seq_len))  # one eval set per length (and depth)
+  c.qa.eval_depths = tuple(eval_depths)  # needle depths of the eval sets (fractions of the haystack)
+  c.qa.flavour = "noise"  # niah: "noise" | "text" | "text_uuid" (RULER S-NIAH 1/2/3)
+  c.qa.task = "qa1"  # babilong: "qa1" | "qa2" | "qa3"
+  c.qa.key_digits = 5  # passkey_text: digits of the pass key
+  c.qa.num_facts = 0  # babilong: facts per story (0: the task's default, 6/8/10)
+  # Real-text haystack (niah "text"/"text_uuid"; babilong filler when set), a local file, e.g.
+  # ../shared/data/tinyshakespeare.txt. "" : generated filler (noise / sentence bank).
+  c.qa.haystack_file = ""
+  # Examples are generated on demand from (seed, split, length, depth, index): a large train set costs nothing.
+  c.qa.num_train_examples = num_train_examples
+  c.qa.num_eval_examples = num_eval_examples  # per eval set
+  c.num_workers = 0  # grain worker processes (0: in the main process)
+  c.read_threads = 2  # background threads that generate training batches
+  c.prefetch_batches = 4  # finished batches kept ahead of the loop
+  c.seed = 0  # data order and generation
+  return c
+
+
+def niah_data(*, flavour: str = "noise", seq_len: int = 1024, train_lengths: tuple[int, ...] | None = None,
+              eval_lengths: tuple[int, ...] | None = None,
+              eval_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), haystack_file: str = "",
+              num_train_examples: int = 1_000_000, num_eval_examples: int = 32) -> ml_collections.ConfigDict:
+  """Single needle in a haystack (RULER S-NIAH; memarch/data/niah.py) as the data section: eval sets
+  `niah_<flavour>_T<len>_d<depth%>`; the loss covers only the answer (the value and a period)."""
+  c = _text_task_data("niah", seq_len=seq_len, train_lengths=train_lengths, eval_lengths=eval_lengths,
+                      eval_depths=eval_depths, num_train_examples=num_train_examples,
+                      num_eval_examples=num_eval_examples)
+  c.qa.flavour = flavour
+  c.qa.haystack_file = haystack_file
+  return c
+
+
+def passkey_text_data(*, seq_len: int = 1024, key_digits: int = 5, train_lengths: tuple[int, ...] | None = None,
+                      eval_lengths: tuple[int, ...] | None = None,
+                      eval_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                      num_train_examples: int = 1_000_000, num_eval_examples: int = 32) -> ml_collections.ConfigDict:
+  """The classic text passkey ("The grass is green. ..."; memarch/data/niah.py), byte-level: eval sets
+  `passkey_text_T<len>_d<depth%>`."""
+  c = _text_task_data("passkey_text", seq_len=seq_len, train_lengths=train_lengths, eval_lengths=eval_lengths,
+                      eval_depths=eval_depths, num_train_examples=num_train_examples,
+                      num_eval_examples=num_eval_examples)
+  c.qa.key_digits = key_digits
+  return c
+
+
+def babilong_data(*, task: str = "qa1", seq_len: int = 1024, train_lengths: tuple[int, ...] | None = None,
+                  eval_lengths: tuple[int, ...] | None = None, haystack_file: str = "",
+                  num_train_examples: int = 1_000_000, num_eval_examples: int = 32) -> ml_collections.ConfigDict:
+  """BABILong-style reasoning (bAbI qa1/qa2/qa3 stories hidden in filler; memarch/data/babilong.py): eval sets
+  `babilong_<task>_T<len>` (facts at random depths)."""
+  c = _text_task_data("babilong", seq_len=seq_len, train_lengths=train_lengths, eval_lengths=eval_lengths,
+                      eval_depths=(), num_train_examples=num_train_examples, num_eval_examples=num_eval_examples)
+  c.qa.task = task
+  c.qa.haystack_file = haystack_file
+  return c

@@ -27,10 +27,10 @@ from typing import Any, Literal, Protocol
 import grain
 import numpy as np
 
-from memarch.data import passkey, synthetic, text, tfds_mqar
+from memarch.data import passkey, synthetic, text, text_tasks, tfds_mqar
 from memarch.data.tokenizer import ByteTokenizer
 
-VALID_NAMES = ('"mqar"', '"text"', '"tfds:<name>"', '"passkey"')
+VALID_NAMES = ('"mqar"', '"text"', '"tfds:<name>"', '"passkey"', '"niah"', '"passkey_text"', '"babilong"')
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -48,7 +48,8 @@ class BatchSource(Protocol):
 class DataInfo:
   """What a model and the loop need to know about the data.
 
-  vocab_size: number of token ids (embedding/output size). kind: "mqar", "passkey" or "text".
+  vocab_size: number of token ids (embedding/output size). kind: "mqar", "passkey" or "text" (also the
+  byte-level tasks "niah", "passkey_text", "babilong" of text_tasks.py).
   pad_id: the id of padding (0 for MQAR and passkey, ByteTokenizer.PAD for text). eos_id: end-of-document id
   (None for the synthetic tasks). tokenizer: the ByteTokenizer for text, None for the synthetic tasks.
   """
@@ -64,6 +65,8 @@ def _kind(data_config: Any) -> tuple[str, str | None]:
   """("mqar" | "passkey" | "text" | "tfds", the TFDS name or None); a clear error for an unknown data.name."""
   name = str(data_config.name)
   if name in ("mqar", "passkey"):
+    return name, None
+  if name in text_tasks.NAMES:  # byte-level memory tasks (memarch/data/text_tasks.py)
     return name, None
   if name == "text":
     return "text", None
@@ -257,6 +260,8 @@ def create_train_iterator(
     source = _mqar_train_source(data_config)
   elif kind == "passkey":
     source = _passkey_sources(data_config)[0]
+  elif kind in text_tasks.NAMES:
+    source = text_tasks.text_task_sources(data_config)[0]
   else:
     source = _text_sources(data_config)[0]
   indices = host_indices(len(source), process_index, process_count)
@@ -359,6 +364,8 @@ def create_eval_batches(
     sources = _mqar_eval_sources(data_config)
   elif kind == "passkey":
     sources = _passkey_sources(data_config)[1]
+  elif kind in text_tasks.NAMES:
+    sources = text_tasks.text_task_sources(data_config)[1]
   else:
     val = _text_sources(data_config)[1]
     sources = {} if val is None else {"validation": val}
