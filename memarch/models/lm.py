@@ -95,6 +95,12 @@ class DecoderLM(nn.Module):
       x = x + jnp.take(self.pos_embedding, positions, axis=0)
     return x.astype(dtype)
 
+  def embed_tokens(self, tokens):
+    """The token embedding `[batch, seq, embed]` float32 of `[batch, seq]` ids (no position embedding): what a
+    wrapper (HMT) concatenates with its own embeddings and feeds back through `inputs_embeds`."""
+    check_token_ids(tokens, self.config.vocab_size)
+    return jnp.take(self.embedding, tokens, axis=0)
+
   def _check_length(self, length: int) -> None:
     c = self.config
     if c.get("position_embedding", "none") == "learned" and length > c.max_len:
@@ -164,10 +170,10 @@ class DecoderLM(nn.Module):
         "layers": [get_block(n)(c, parent=None).init_cache(batch, max_len) for n in names],
     }
 
-  def _cached_forward(self, tokens, cache):
-    if tokens.ndim != 2:
+  def _cached_forward(self, tokens, cache, inputs_embeds=None, return_hidden=False):
+    if inputs_embeds is None and tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}.")
-    b, t = tokens.shape
+    b, t = (tokens if inputs_embeds is None else inputs_embeds).shape[:2]
     index = cache["index"]
     capacity = _cache_capacity(cache)
     if capacity is not None and _is_concrete(index) and int(index) + t > capacity:
@@ -176,17 +182,23 @@ class DecoderLM(nn.Module):
           "Call init_cache with a larger max_len."
       )
     positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = self._embed(tokens, None, positions)
+    x = self._embed(tokens, inputs_embeds, positions)
     h, _, caches = self._stack(x, positions=positions, segment_ids=None, caches=cache["layers"], cache_index=index)
     logits = self._logits(h)
     if capacity is not None:
       # Under jit the index is not known in Python: poison the logits instead of silently wrapping.
       logits = jnp.where(index + t > capacity, jnp.nan, logits)
+    if return_hidden:
+      return logits, {"index": index + t, "layers": caches}, {"hidden": h}
     return logits, {"index": index + t, "layers": caches}
 
-  def prefill(self, tokens, cache):
-    """Processes a prompt `[batch, seq]` in parallel. Returns (logits `[batch, seq, vocab]`, cache)."""
-    return self._cached_forward(tokens, cache)
+  def prefill(self, tokens, cache, *, inputs_embeds=None, return_hidden=False):
+    """Processes a prompt `[batch, seq]` in parallel. Returns (logits `[batch, seq, vocab]`, cache).
+
+    inputs_embeds: optional `[batch, seq, embed]` that replaces the token embedding (tokens may then be None).
+    return_hidden: also return `{"hidden": final normed hidden [b, seq, e]}` (a wrapper's memory embedding).
+    """
+    return self._cached_forward(tokens, cache, inputs_embeds, return_hidden)
 
   def decode_step(self, token, cache):
     """One token per sequence, `[batch]` or `[batch, 1]`. Returns (logits `[batch, vocab]`, cache)."""

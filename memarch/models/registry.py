@@ -6,10 +6,12 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from memarch.models.hmt import HMT
 from memarch.models.lm import DecoderLM
 
 MODELS: dict[str, Callable[[Any], nn.Module]] = {
     "transformer": DecoderLM,  # Transformer++ (and any stack of registered block types)
+    "hmt": HMT,  # Hierarchical Memory Transformer over any registered backbone (config.model.backbone)
 }
 
 
