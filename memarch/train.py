@@ -26,7 +26,7 @@ import optax
 from memarch import checkpoint as ckpt_lib
 from memarch import data as data_lib
 from memarch import sharding as shard_lib
-from memarch.metrics import MetricWriter, Progress, host_rss_mib
+from memarch.metrics import MetricWriter, Progress, host_rss_mib, release_free_memory
 from memarch.preemption import Preempted, SignalCheckpoint
 from memarch.models import build_model
 from memarch.models.lm import check_token_ids
@@ -341,6 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
           fetched = jax.device_get(pending)
           train_metrics = mean_metrics(fetched)
           sps, tps, _ = progress.rates(step)
+          release_free_memory()  # so that host_rss_mib shows what is in use, not what glibc keeps cached
           writer.write(step, "train", {**train_metrics, "steps_per_sec": sps, "tokens_per_sec": tps,
                                        "host_rss_mib": host_rss_mib()})
           progress.update(step, {k: v for k, v in train_metrics.items() if k != "nonfinite_steps" or v})
