@@ -371,8 +371,47 @@ def load_stage1_params(workdir: str, params):
   """Stage-2 parameters initialized from the latest checkpoint of a stage-1 run in `workdir`.
 
   Every parameter comes from the checkpoint except the recall ones that stage 1 does not train
-  (`query_token`, `recall_wq`, `recall_wk`), which keep their values in `params` (the fresh initialization).
-  params: the stage-2 parameter tree (`{"core": {...}}`). Raises ValueError if there is no checkpoint or its
-  parameters do not match.
+  (`query_token`, `recall_wq`, `recall_wk`), which keep their values in `params` (the fresh initialization: a
+  stage-1 run's weight decay has only shrunk them). params: the stage-2 parameter tree (`{"core": {...}}`, the
+  train state's params); each loaded array takes the sharding of the array it replaces. Raises ValueError if
+  `workdir` holds no checkpoint, was not written by an HMT, or its parameters differ in shape.
   """
-  raise NotImplementedError
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top (only this loader needs orbax)
+
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise ValueError(f"config.model.init_from={workdir!r}: no checkpoints directory {directory} (the workdir of a "
+                     "stage-1 run, configs/hmt.py:stage=1).")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "manifest"))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"config.model.init_from={workdir!r}: {directory} holds no checkpoint.")
+  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      manifest=ocp.args.JsonRestore()))
+  saved_model = out["manifest"].get("model", {})
+  if saved_model.get("name") != "hmt":
+    raise ValueError(f"config.model.init_from={workdir!r}: its checkpoint was written by model "
+                     f"{saved_model.get('name')!r}, not an HMT.")
+  loaded = out["state"]["params"]
+  flat_new = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  flat_old = {tuple(str(getattr(k, "key", k)) for k in path): x
+              for path, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  problems, leaves = [], []
+  for path, new in flat_new.items():
+    key = tuple(str(getattr(k, "key", k)) for k in path)
+    if key[-1] in RECALL_PARAMS:
+      leaves.append(new)
+      continue
+    old = flat_old.get(key)
+    if old is None:
+      problems.append(f"{'/'.join(key)} is not in the checkpoint")
+    elif tuple(old.shape) != tuple(new.shape):
+      problems.append(f"{'/'.join(key)}: checkpoint {tuple(old.shape)}, model {tuple(new.shape)}")
+    else:
+      value = jnp.asarray(old, new.dtype)
+      sharding = getattr(new, "sharding", None)
+      leaves.append(jax.device_put(value, sharding) if sharding is not None else value)
+  if problems:
+    raise ValueError(f"config.model.init_from={workdir!r} (step {step}) does not match this model's parameters:\n  "
+                     + "\n  ".join(problems))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
