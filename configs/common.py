@@ -45,6 +45,15 @@ def mqar_data(
   return c
 
 
+def _generated_loader(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the loader keys of a task generated on demand (passkey, the text tasks) to its data section."""
+  c.num_workers = 0  # grain worker processes (0: in the main process)
+  c.read_threads = 2  # background threads that generate training batches
+  c.prefetch_batches = 4  # finished batches kept ahead of the loop
+  c.seed = 0  # data order and generation
+  return c
+
+
 def passkey_data(
     *,
     seq_len: int = 1024,
@@ -71,11 +80,7 @@ def passkey_data(
   # Examples are generated on demand from (seed, split, length, index): a large train set costs nothing.
   c.passkey.num_train_examples = num_train_examples
   c.passkey.num_eval_examples = num_eval_examples  # per eval length
-  c.num_workers = 0  # grain worker processes (0: in the main process)
-  c.read_threads = 2  # background threads that generate training batches
-  c.prefetch_batches = 4  # finished batches kept ahead of the loop
-  c.seed = 0  # data order and generation
-  return c
+  return _generated_loader(c)
 
 
 def _text_task_data(name: str, *, seq_len: int, train_lengths: tuple[int, ...] | None,
@@ -100,11 +105,7 @@ def _text_task_data(name: str, *, seq_len: int, train_lengths: tuple[int, ...] |
   # Examples are generated on demand from (seed, split, length, depth, index): a large train set costs nothing.
   c.qa.num_train_examples = num_train_examples
   c.qa.num_eval_examples = num_eval_examples  # per eval set
-  c.num_workers = 0  # grain worker processes (0: in the main process)
-  c.read_threads = 2  # background threads that generate training batches
-  c.prefetch_batches = 4  # finished batches kept ahead of the loop
-  c.seed = 0  # data order and generation
-  return c
+  return _generated_loader(c)
 
 
 def niah_data(*, flavour: str = "noise", seq_len: int = 1024, train_lengths: tuple[int, ...] | None = None,

@@ -137,6 +137,10 @@ def compare(workdirs: list[str], out: str) -> dict[str, Any]:
   if not workdirs:
     raise ValueError("compare: give at least one evaluated run directory.")
   rows = [summarize(w) for w in workdirs]
+  names = [r["run"] for r in rows]
+  for r, w in zip(rows, workdirs):  # a sweep's runs all end in lr<lr>: name them by their parent too
+    if names.count(r["run"]) > 1:
+      r["run"] = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(w))), r["run"])
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   table = markdown(rows)
   result = {"runs": rows, "plots": plot(rows, out)}
