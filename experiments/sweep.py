@@ -234,11 +234,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise ValueError("the configs disagree on data, steps, batch, length or seed; use --task and --set so that "
                      "every model is trained under the same protocol.")
   first = next(iter(configs.values()))
+  stages = sorted({int(x) for x in args.stages.split(",")}) if args.stages else [first.train.steps]
   print(f"sweep {args.name}: {len(specs)} models x lrs {lrs}; data {first.data.name} "
-        f"(settings {first.data.get('mqar', {}).get('settings', '')}), steps {first.train.steps}, batch "
+        f"(settings {first.data.get('mqar', {}).get('settings', '')}), steps {','.join(map(str, stages))}, batch "
         f"{first.train.batch_size}, seq {first.data.seq_len}, seed {first.train.seed}", flush=True)
 
-  stages = sorted({int(x) for x in args.stages.split(",")}) if args.stages else [first.train.steps]
   summary = None
   for steps in stages:
     for config in configs.values():
