@@ -11,6 +11,7 @@ Layout is `[batch, seq, heads, head_dim]`, as in `jax.nn.dot_product_attention`.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +36,19 @@ def _check_inputs(q, k, v, num_prefix, window, segment_ids, kv_lengths):
     raise ValueError(f"attention: batch/seq/heads of q {q.shape}, k {k.shape}, v {v.shape} do not match.")
   if q.shape[-1] != k.shape[-1]:
     raise ValueError(f"attention: q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}.")
+  if min(q.shape[2], k.shape[2], q.shape[3], v.shape[3]) < 1:
+    raise ValueError(f"attention: heads, kv heads, head_dim and v_dim must be >= 1; got q {q.shape}, k {k.shape}, "
+                     f"v {v.shape}.")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"attention: q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}) for GQA.")
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"attention: {name} must be floating point, got {x.dtype}.")
+  # Python/numpy ints only: a float window (2.5) would be floored by the blockwise impls but compared as a
+  # float by the reference, i.e. two different masks.
+  for name, x in (("num_prefix", num_prefix), ("window", window)):
+    if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Integral)):
+      raise ValueError(f"attention: {name} must be an int, got {x!r} ({type(x).__name__}).")
   if not 0 <= num_prefix <= k.shape[1]:
     raise ValueError(f"attention: num_prefix={num_prefix} must be in [0, {k.shape[1]}] (the number of keys).")
   if window is not None and window < 1:
@@ -104,6 +113,11 @@ def attention(
   if scale is None:
     scale = q.shape[-1] ** -0.5
   impl = resolve_impl(impl, "attention")
+  b, tq, h = q.shape[:3]
+  if b == 0 or tq == 0 or k.shape[1] == 0:
+    # Nothing to attend from or to: every query sees no key (o = 0, lse = -inf), as the reference defines.
+    o, lse = jnp.zeros((b, tq, h, v.shape[-1]), q.dtype), jnp.full((b, tq, h), -jnp.inf, jnp.float32)
+    return (o, lse) if return_lse else o
   kwargs = dict(
       causal=causal, window=window, num_prefix=num_prefix, q_offset=q_offset, k_offset=k_offset,
       kv_lengths=kv_lengths, q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale,

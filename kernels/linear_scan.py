@@ -34,6 +34,8 @@ def _check(q, k, v, g, beta, initial_state, chunk_size, op="linear_scan"):
   if v.shape[:3] != q.shape[:3]:
     raise ValueError(
         f"{op}: batch/seq/heads of v {v.shape[:3]} do not match those of q and k {q.shape[:3]}.")
+  if min(q.shape[2], q.shape[3], v.shape[3]) < 1:
+    raise ValueError(f"{op}: heads, k_dim and v_dim must be >= 1; got q {q.shape}, v {v.shape}.")
   bth = q.shape[:3]
   for name, x in (("g", g), ("beta", beta)):
     if x is not None and tuple(x.shape) != bth:
@@ -43,7 +45,7 @@ def _check(q, k, v, g, beta, initial_state, chunk_size, op="linear_scan"):
     if tuple(initial_state.shape) != want:
       raise ValueError(
           f"{op}: initial_state must be [batch, heads, k_dim, v_dim] = {want}, got {tuple(initial_state.shape)}.")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}.")
 
 
@@ -82,6 +84,12 @@ def linear_scan(
     scale = q.shape[-1] ** -0.5
   scale = float(scale)
   impl = resolve_impl(impl, "linear_scan")
+  b, t, h, dk = q.shape
+  if b == 0 or t == 0:
+    # An empty batch or sequence: no output and the state unchanged (what the token-by-token reference gives).
+    state = (jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None
+             else initial_state.astype(jnp.float32))
+    return jnp.zeros((b, t, h, v.shape[-1]), q.dtype), state
   if impl == "reference":
     return linear_scan_reference(q, k, v, g, beta, initial_state, scale)
   if impl == "xla":

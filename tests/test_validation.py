@@ -55,6 +55,7 @@ def with_overrides(spec: str, **overrides) -> ml_collections.ConfigDict:
 def test_shipped_configs_are_valid(spec):
   validate.validate_config(get_config(spec), num_devices=1)
   validate.validate_config(get_config(spec))  # without a device count: the mesh is not checked
+  validate.validate_config(ml_collections.FrozenConfigDict(get_config(spec)), num_devices=1)
 
 
 def test_text_config_with_files_is_valid(tmp_path):

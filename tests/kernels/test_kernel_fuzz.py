@@ -1,13 +1,19 @@
 """Property tests (hypothesis) of `kernels.attention` and `kernels.linear_scan` over random inputs.
 
-Shapes (lengths that are not multiples of the blocks or chunks, one-token sequences, GQA ratios, odd head
-dims), dtypes (float32, bfloat16) and options (causal, window, num_prefix, offsets, kv_lengths, segments;
-g / beta / initial state present or not, chunk sizes) are drawn at random, and some draws are invalid on
-purpose (heads that do not divide, window 0, num_prefix beyond the keys, mismatched dims, bad chunk sizes,
-integer inputs). The property: for a valid draw every impl ("xla", plus block sizes for attention) matches
-the "reference" impl within the per-dtype tolerance below, with finite outputs; for an invalid draw the
-impl and the reference both raise a ValueError / TypeError with a message. Never a silent wrong answer,
-never a crash of the process.
+Shapes (lengths that are not multiples of the blocks or chunks, one-token sequences, empty batches,
+sequences or key sets, GQA ratios, odd head dims), dtypes (float32, bfloat16) and options (causal, window,
+num_prefix, offsets, kv_lengths, segments; g / beta / initial state present or not, chunk sizes) are drawn at
+random, and some draws are invalid on purpose (heads that do not divide, window 0 or not an int, num_prefix
+beyond the keys, zero or mismatched dims, bad chunk sizes, integer inputs). The property: for a valid draw
+every impl ("xla", with small blocks for attention) matches the "reference" impl within the per-dtype
+tolerance below, with finite outputs; for an invalid draw the impl and the reference both raise a ValueError
+/ TypeError with a message. Never a silent wrong answer, never a crash of the process.
+
+What this found (fixed in kernels/): a float window (2.5) was floored by the blockwise impls but compared as a
+float by the reference (a silent wrong answer; now an error); empty batches, queries or keys divided by zero
+in the blockwise attention (and zero keys failed in the reference), zero tokens failed in the chunked scan
+with an obscure slicing error, and zero heads or head dims raised ZeroDivisionError (now o = 0 / lse = -inf,
+the state unchanged, and clear errors for zero dims).
 
 Tolerances: attention (max abs error of o; lse where finite): float32 1e-4, bfloat16 3e-2 (o) / 2e-2 (lse),
 as tests/kernels/test_attention.py. linear_scan (relative error ||x - ref|| / ||ref|| of o and the final
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kernels import attention, linear_scan
@@ -37,8 +43,11 @@ ATTN_TOL = {"float32": dict(o=1e-4, lse=1e-4), "bfloat16": dict(o=3e-2, lse=2e-2
 SCAN_TOL = {"float32": dict(o=1e-4, state=1e-4), "bfloat16": dict(o=2e-2, state=1e-3)}
 ERRORS = (ValueError, TypeError)
 
-FAST = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Invalid calls are refused before any compilation: cheap, so more of them.
+FAST_INVALID = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MANY = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -47,10 +56,10 @@ MANY = settings(max_examples=150, deadline=None, derandomize=True, database=None
 
 
 @st.composite
-def attention_cases(draw) -> dict:
-  """A random attention call: shapes, dtype, options and impl; `invalid` names what is wrong with it (or
-  None). Lengths up to 40 with blocks of 8 or 16 (or the public defaults) cover several blocks and ragged
-  tails."""
+def attention_cases(draw, invalid: bool) -> dict:
+  """A random attention call: shapes, dtype, options and impl; `invalid` names what is wrong with it (or None;
+  drawn among the defects when `invalid`, else a valid call, empty ones included). Lengths up to 40 with
+  blocks of 8 or 16 (or the public defaults) cover several blocks and ragged tails."""
   kv_heads = draw(st.integers(1, 3))
   c = dict(
       b=draw(st.integers(1, 2)), tq=draw(st.integers(1, 40)), tk_rest=draw(st.integers(0, 40)),
@@ -67,14 +76,26 @@ def attention_cases(draw) -> dict:
     c["tk"] = c["tk_rest"] = 1
   # Packed-document ids need q and the non-prefix keys to share positions (the same length).
   c["segments"] = c["segments"] and c["tq"] == c["tk_rest"]
-  kind = draw(st.sampled_from(["valid"] * 6 + ["heads", "window", "num_prefix", "head_dim", "int_dtype"]))
-  if kind == "heads":
+  if invalid:
+    kind = draw(st.sampled_from(["heads", "window", "window_float", "num_prefix", "head_dim", "zero_dim",
+                                 "int_dtype"]))
+  else:
+    kind = draw(st.sampled_from(["valid", "empty"] if draw(st.integers(0, 7)) == 0 else ["valid"]))
+  if kind == "empty":  # valid: no batch rows, no queries or no keys (o = 0, lse = -inf)
+    c.update(draw(st.sampled_from([dict(b=0), dict(tq=0), dict(tk=0, tk_rest=0, num_prefix=0, segments=False)])))
+  elif kind == "heads":
     c["kv_heads"] = kv_heads + 1
     c["heads"] = kv_heads * (kv_heads + 1) + 1  # never a multiple of kv_heads + 1
     c["invalid"] = "heads"
   elif kind == "window":
     c["window"] = draw(st.integers(-3, 0))
     c["invalid"] = "window"
+  elif kind == "window_float":  # the blockwise impls would floor it, the reference compare with it
+    c["window"] = draw(st.sampled_from([2.5, 7.0, True]))
+    c["invalid"] = "window_float"
+  elif kind == "zero_dim":
+    c.update(draw(st.sampled_from([dict(d=0), dict(dv=0), dict(heads=0)])))
+    c["invalid"] = "zero_dim"
   elif kind == "num_prefix":
     c["num_prefix"] = c["tk"] + draw(st.integers(1, 3))
     c["invalid"] = "num_prefix"
@@ -83,8 +104,8 @@ def attention_cases(draw) -> dict:
     c["invalid"] = "head_dim"
   elif kind == "int_dtype":
     c["invalid"] = "int_dtype"
-  if c["invalid"]:
-    c["blocks"] = None  # invalid inputs go through the public, checking entry point
+  if c["invalid"] or 0 in (c["b"], c["tq"], c["tk"]):
+    c["blocks"] = None  # invalid and empty inputs go through the public, checking entry point
   return c
 
 
@@ -97,7 +118,7 @@ def _attention_inputs(c):
   v = normal(c["b"], c["tk"], c["kv_heads"], c["dv"])
   kw = dict(causal=c["causal"], window=c["window"], num_prefix=c["num_prefix"], q_offset=c["q_offset"],
             k_offset=c["k_offset"], kv_lengths=None, segment_ids=None)
-  if c["kv_lengths"]:
+  if c["kv_lengths"] and c["b"]:
     kw["kv_lengths"] = jnp.asarray(rng.integers(0, c["tk"] + 1, size=c["b"]), jnp.int32)
   if c["segments"]:
     seg = np.cumsum(rng.random((c["b"], c["tq"])) < 0.2, axis=1).astype(np.int32)
@@ -142,17 +163,45 @@ def check_attention_case(c) -> None:
   np.testing.assert_allclose(lse[fin], lse_ref[fin], atol=tol["lse"], rtol=0, err_msg=str(c))
 
 
+def _attention_event(c) -> str:
+  return c["invalid"] or ("empty" if 0 in (c["b"], c["tq"], c["tk"]) else "valid")
+
+
 @FAST
-@given(attention_cases())
+@given(attention_cases(invalid=False))
 def test_attention_fuzz(c):
+  event(_attention_event(c))
+  check_attention_case(c)
+
+
+@FAST_INVALID
+@given(attention_cases(invalid=True))
+def test_attention_fuzz_invalid(c):
+  event(_attention_event(c))
   check_attention_case(c)
 
 
 @pytest.mark.slow
 @MANY
-@given(attention_cases())
+@given(st.booleans().flatmap(lambda invalid: attention_cases(invalid=invalid)))
 def test_attention_fuzz_many(c):
+  event(_attention_event(c))
   check_attention_case(c)
+
+
+@pytest.mark.parametrize("shape", [dict(b=0), dict(tq=0), dict(tk=0)])
+def test_attention_empty(shape):
+  """No batch rows, queries or keys: every query sees no key, o = 0 and lse = -inf, in every impl (the
+  blockwise impls used to divide by zero here and the reference failed on zero keys)."""
+  d = {"b": 2, "tq": 5, "tk": 7, **shape}
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((d["b"], d["tq"], 4, 8), dtype=np.float32))
+  k = jnp.asarray(rng.standard_normal((d["b"], d["tk"], 2, 8), dtype=np.float32))
+  v = jnp.asarray(rng.standard_normal((d["b"], d["tk"], 2, 3), dtype=np.float32))
+  for impl in ("xla", "reference", "pallas_interpret"):
+    o, lse = attention(q, k, v, window=3, return_lse=True, impl=impl)
+    assert o.shape == (d["b"], d["tq"], 4, 3) and lse.shape == (d["b"], d["tq"], 4)
+    assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
 
 
 def test_attention_fuzz_pallas_interpret():
@@ -169,8 +218,9 @@ def test_attention_fuzz_pallas_interpret():
 
 
 @st.composite
-def scan_cases(draw) -> dict:
-  """A random linear_scan call; `invalid` names what is wrong with it (or None)."""
+def scan_cases(draw, invalid: bool) -> dict:
+  """A random linear_scan call; `invalid` names what is wrong with it (or None; drawn among the defects when
+  `invalid`, else a valid call, empty ones included)."""
   c = dict(
       b=draw(st.integers(1, 2)), t=draw(st.integers(1, 40)), h=draw(st.integers(1, 3)),
       dk=draw(st.sampled_from([1, 4, 8, 16])), dv=draw(st.sampled_from([1, 5, 8, 16])),
@@ -179,11 +229,18 @@ def scan_cases(draw) -> dict:
       scale=draw(st.one_of(st.none(), st.sampled_from([0.5, 1.0]))),
       impl=draw(st.sampled_from(["xla", "reference"])), seed=draw(st.integers(0, 2**16)), invalid=None,
   )
-  kind = draw(st.sampled_from(["valid"] * 6 + ["chunk", "gqa", "g_shape", "state_shape", "v_len", "int_dtype"]))
-  if kind != "valid":
+  if invalid:
+    kind = draw(st.sampled_from(["chunk", "zero_dim", "gqa", "g_shape", "state_shape", "v_len", "int_dtype"]))
+  else:
+    kind = draw(st.sampled_from(["valid", "empty"] if draw(st.integers(0, 7)) == 0 else ["valid"]))
+  if kind == "empty":  # valid: no batch rows or no tokens (no output, the state unchanged)
+    c.update(draw(st.sampled_from([dict(b=0), dict(t=0)])))
+  elif kind != "valid":
     c["invalid"] = kind
   if kind == "chunk":
-    c["chunk_size"] = draw(st.sampled_from([0, -1, 2.5]))
+    c["chunk_size"] = draw(st.sampled_from([0, -1, 2.5, True]))
+  elif kind == "zero_dim":
+    c.update(draw(st.sampled_from([dict(dk=0), dict(dv=0), dict(h=0)])))
   return c
 
 
@@ -195,7 +252,7 @@ def _scan_inputs(c):
   b, t, h, dk, dv = c["b"], c["t"], c["h"], c["dk"], c["dv"]
   normal = lambda *s: rng.standard_normal(s, dtype=np.float32)
   k = normal(b, t, h, dk)
-  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
   x = dict(q=normal(b, t, h, dk), k=k, v=normal(b, t, h, dv),
            g=np.log(1 / (1 + np.exp(-(normal(b, t, h) + 2.0)))) if c["use_g"] else None,
            beta=1 / (1 + np.exp(-normal(b, t, h))) if c["use_beta"] else None)
@@ -246,17 +303,48 @@ def check_scan_case(c) -> None:
   assert all(errors[n] <= tol[n] for n in errors), f"relative errors {errors} over {tol} for {c}"
 
 
+def _scan_event(c) -> str:
+  return c["invalid"] or ("empty" if 0 in (c["b"], c["t"]) else "valid")
+
+
 @FAST
-@given(scan_cases())
+@given(scan_cases(invalid=False))
 def test_linear_scan_fuzz(c):
+  event(_scan_event(c))
+  check_scan_case(c)
+
+
+@FAST_INVALID
+@given(scan_cases(invalid=True))
+def test_linear_scan_fuzz_invalid(c):
+  event(_scan_event(c))
   check_scan_case(c)
 
 
 @pytest.mark.slow
 @MANY
-@given(scan_cases())
+@given(st.booleans().flatmap(lambda invalid: scan_cases(invalid=invalid)))
 def test_linear_scan_fuzz_many(c):
+  event(_scan_event(c))
   check_scan_case(c)
+
+
+@pytest.mark.parametrize("shape", [dict(b=0), dict(t=0)])
+def test_linear_scan_empty(shape):
+  """No batch rows or no tokens: an empty output and the initial state unchanged, in every impl (the chunked
+  impls used to fail with an obscure slicing error on zero tokens)."""
+  d = {"b": 2, "t": 6, **shape}
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((d["b"], d["t"], 2, 4), dtype=np.float32))
+  v = jnp.asarray(rng.standard_normal((d["b"], d["t"], 2, 3), dtype=np.float32))
+  s0 = jnp.asarray(rng.standard_normal((d["b"], 2, 4, 3), dtype=np.float32))
+  g = jnp.zeros(q.shape[:3])
+  for impl in ("xla", "reference", "pallas_interpret"):
+    o, s = linear_scan(q, q, v, g=g, beta=g, initial_state=s0, impl=impl)
+    assert o.shape == (d["b"], d["t"], 2, 3) and s.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
+    _, s = linear_scan(q, q, v, impl=impl)
+    np.testing.assert_array_equal(np.asarray(s), np.zeros((d["b"], 2, 4, 3), np.float32))
 
 
 def test_linear_scan_fuzz_pallas_interpret():
