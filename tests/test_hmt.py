@@ -133,6 +133,10 @@ def test_causality_of_loss_carrying_tokens_with_prefix_recall():
     np.testing.assert_array_equal(other[:, carried], base[:, carried], err_msg=f"position {i}")
     if i == 2 * L + j - 1:  # a prompt token sees its segment's future once recall has 2+ slots: hence the mask
       assert np.abs(other[:, 2 * L] - base[:, 2 * L]).max() > 1e-6
+  # The training loop takes its loss (and accuracy) through this mask.
+  from memarch.train import loss_mask
+
+  np.testing.assert_array_equal(loss_mask(model, {"loss_mask": jnp.ones((2, T))}), np.stack([mask, mask]))
   # "previous" needs no mask.
   assert model_config(recall_query="previous").recall_query == "previous"
   np.testing.assert_array_equal(build_model(model_config()).position_loss_mask(T), np.ones(T, np.float32))
