@@ -304,6 +304,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   if restored is not None:
     start, state, data_state = restored
     train_iter.set_state(data_state)
+  elif config.model.get("init_from"):  # HMT stage 2 starts from a stage-1 run's parameters
+    from memarch.models.hmt import load_stage1_params  # noqa: PLC0415
+
+    state = state.replace(params=load_stage1_params(config.model.init_from, state.params))
 
   writer = MetricWriter(workdir, tensorboard=config.train.tensorboard, enabled=is_main)
   progress = Progress(
