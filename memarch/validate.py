@@ -88,6 +88,12 @@ def _float(section: str, node: Any, key: str, *, low: float | None = None, high:
   return value
 
 
+def _bool(section: str, node: Any, key: str) -> None:
+  """An error if `node[key]` exists and is not a bool."""
+  if key in node and not isinstance(node[key], bool):
+    _fail(section, key, node[key], f"must be True or False, got {type(node[key]).__name__}.")
+
+
 def _choice(section: str, node: Any, key: str, choices: Sequence[str]) -> str | None:
   """The string `node[key]` (None if absent); an error listing `choices` if it is not one of them."""
   if key not in node:
@@ -110,43 +116,43 @@ def check_sections(config: Any) -> None:
                      "(see configs/base.py assemble()).")
 
 
-def check_layer_blocks(m: Any) -> tuple[str, ...]:
+def check_layer_blocks(m: Any, sec: str = "model") -> tuple[str, ...]:
   """model.layer_blocks is a non-empty sequence of registered block types (memarch.layers.blocks.BLOCKS).
   Returns the block names."""
   names = m.layer_blocks
   if isinstance(names, str) or not isinstance(names, Sequence) or not names:
-    _fail("model", "layer_blocks", names, "must be a non-empty tuple of block type names, e.g. "
+    _fail(sec, "layer_blocks", names, "must be a non-empty tuple of block type names, e.g. "
           f"('attention', 'mlp'); registered: {sorted(blocks_lib.BLOCKS)}.")
   unknown = [n for n in names if n not in blocks_lib.BLOCKS]
   if unknown:
-    _fail("model", "layer_blocks", tuple(names), f"names unregistered block type(s) {unknown}; registered "
+    _fail(sec, "layer_blocks", tuple(names), f"names unregistered block type(s) {unknown}; registered "
           f"block types (memarch.layers.blocks.BLOCKS): {sorted(blocks_lib.BLOCKS)}.")
   return tuple(names)
 
 
-def check_model_core(m: Any) -> None:
+def check_model_core(m: Any, sec: str = "model") -> None:
   """Keys every decoder reads: sizes, heads, head_dim, vocabulary, dtype, position embedding.
 
   head_dim == 0 means embed_dim // num_heads, so embed_dim must then be a multiple of num_heads."""
   if "name" in m and not isinstance(m.name, str):
-    _fail("model", "name", m.name, "must be a string (a memarch.models.registry name).")
-  _int("model", m, "vocab_size", minimum=0, why="0 takes the data's vocabulary")
-  embed = _int("model", m, "embed_dim", minimum=1)
-  _int("model", m, "num_layers", minimum=1, why="repeats of layer_blocks")
-  heads = _int("model", m, "num_heads", minimum=1)
-  head_dim = _int("model", m, "head_dim", minimum=0, why="0 means embed_dim // num_heads")
-  _int("model", m, "max_len", minimum=1)
+    _fail(sec, "name", m.name, "must be a string (a memarch.models.registry name).")
+  _int(sec, m, "vocab_size", minimum=0, why="0 takes the data's vocabulary")
+  embed = _int(sec, m, "embed_dim", minimum=1)
+  _int(sec, m, "num_layers", minimum=1, why="repeats of layer_blocks")
+  heads = _int(sec, m, "num_heads", minimum=1)
+  head_dim = _int(sec, m, "head_dim", minimum=0, why="0 means embed_dim // num_heads")
+  _int(sec, m, "max_len", minimum=1)
   if embed is not None and heads is not None and not head_dim and embed % heads:
-    _fail("model", "num_heads", heads,
-          f"does not divide config.model.embed_dim={embed} (head_dim would not be an integer); choose "
-          "num_heads dividing embed_dim or set config.model.head_dim explicitly.")
+    _fail(sec, "num_heads", heads,
+          f"does not divide config.{sec}.embed_dim={embed} (head_dim would not be an integer); choose "
+          f"num_heads dividing embed_dim or set config.{sec}.head_dim explicitly.")
   if "compute_dtype" in m:
     try:
       dtype_from_name(m.compute_dtype)
     except ValueError:
-      _fail("model", "compute_dtype", m.compute_dtype, "is not one of ('bfloat16', 'float16', 'float32').")
-  _choice("model", m, "position_embedding", ("none", "learned"))
-  _float("model", m, "norm_eps", low=0.0, low_open=True)
+      _fail(sec, "compute_dtype", m.compute_dtype, "is not one of ('bfloat16', 'float16', 'float32').")
+  _choice(sec, m, "position_embedding", ("none", "learned"))
+  _float(sec, m, "norm_eps", low=0.0, low_open=True)
 
 
 def _head_dim(m: Any) -> int:
@@ -154,7 +160,7 @@ def _head_dim(m: Any) -> int:
   return m.head_dim or m.embed_dim // m.num_heads
 
 
-def check_attention(m: Any, names: Sequence[str]) -> None:
+def check_attention(m: Any, names: Sequence[str], sec: str = "model") -> None:
   """Attention blocks (attention, window_attention, mac, mag): GQA head counts, an even head_dim (RoPE
   rotates pairs), the window (>= 0; >= 1 for the Titans blocks, whose cache is the window), persistent
   tokens and MAC's segment length."""
@@ -162,86 +168,120 @@ def check_attention(m: Any, names: Sequence[str]) -> None:
   if not used:
     return
   heads = m.num_heads
-  kv = _int("model", m, "num_kv_heads", minimum=0, why="0 means num_heads (no GQA)")
+  kv = _int(sec, m, "num_kv_heads", minimum=0, why="0 means num_heads (no GQA)")
   if kv and heads % kv:
-    _fail("model", "num_kv_heads", kv, f"does not divide config.model.num_heads={heads} (grouped-query "
+    _fail(sec, "num_kv_heads", kv, f"does not divide config.{sec}.num_heads={heads} (grouped-query "
           "attention shares each kv head among num_heads // num_kv_heads query heads).")
   if _head_dim(m) % 2:
-    _fail("model", "head_dim", m.head_dim, f"gives an odd attention head dim {_head_dim(m)} (embed_dim "
+    _fail(sec, "head_dim", m.head_dim, f"gives an odd attention head dim {_head_dim(m)} (embed_dim "
           f"{m.embed_dim} / num_heads {heads} when 0); RoPE needs an even head dim.")
-  _choice("model", m, "attention_impl", KERNEL_IMPLS)
-  window = _int("model", m, "window", minimum=0, why="0 is full causal attention, w > 0 a sliding window")
+  _choice(sec, m, "attention_impl", KERNEL_IMPLS)
+  window = _int(sec, m, "window", minimum=0, why="0 is full causal attention, w > 0 a sliding window")
   titans = [n for n in used if n in ("window_attention", "mag", "mac")]
   if any(n in ("window_attention", "mag") for n in titans) and window is not None and window < 1:
-    _fail("model", "window", window, f"must be positive for block type(s) {titans} (their attention cache "
+    _fail(sec, "window", window, f"must be positive for block type(s) {titans} (their attention cache "
           "holds the last `window` keys).")
   if titans:
-    _int("model", m, "num_persistent", minimum=0)
+    _int(sec, m, "num_persistent", minimum=0)
   if "mac" in used:
-    _int("model", m, "segment_len", minimum=1, why="MAC's tokens per segment")
+    _int(sec, m, "segment_len", minimum=1, why="MAC's tokens per segment")
 
 
-def check_mlp(m: Any, names: Sequence[str]) -> None:
+def check_mlp(m: Any, names: Sequence[str], sec: str = "model") -> None:
   """SwiGLU blocks: a positive hidden size."""
   if "mlp" in names:
-    _int("model", m, "mlp_dim", minimum=1, why="the SwiGLU hidden size")
+    _int(sec, m, "mlp_dim", minimum=1, why="the SwiGLU hidden size")
 
 
-def check_linear_memory(m: Any, names: Sequence[str]) -> None:
+def check_linear_memory(m: Any, names: Sequence[str], sec: str = "model") -> None:
   """Linear-memory blocks (linear_memory, based) and MoM: rule, dims, short convolution, scan chunk size."""
   users = [n for n in names if n in ("linear_memory", "based", "mom")]
   if not users:
     return
   if any(n in ("linear_memory", "mom") for n in users):
-    _choice("model", m, "memory_rule", MEMORY_RULES)
-    _int("model", m, "conv_width", minimum=0, why="0 disables the short convolution")
-  _int("model", m, "value_dim", minimum=0, why="0 means head_dim")
-  _int("model", m, "chunk_size", minimum=1, why="tokens per chunk of kernels.linear_scan")
-  _choice("model", m, "scan_impl", KERNEL_IMPLS)
+    _choice(sec, m, "memory_rule", MEMORY_RULES)
+    _int(sec, m, "conv_width", minimum=0, why="0 disables the short convolution")
+  _int(sec, m, "value_dim", minimum=0, why="0 means head_dim")
+  _int(sec, m, "chunk_size", minimum=1, why="tokens per chunk of kernels.linear_scan")
+  _choice(sec, m, "scan_impl", KERNEL_IMPLS)
   if "based" in users:
-    _int("model", m, "feature_dim", minimum=1, why="Based's q/k dim per head")
+    _int(sec, m, "feature_dim", minimum=1, why="Based's q/k dim per head")
 
 
-def check_mom(m: Any, names: Sequence[str]) -> None:
+def check_mom(m: Any, names: Sequence[str], sec: str = "model") -> None:
   """Mixture-of-Memories: 1 <= top_k <= num_memories, capacity, implementation."""
   if "mom" not in names:
     return
-  n = _int("model", m, "num_memories", minimum=1)
-  k = _int("model", m, "top_k", minimum=1, why="memories each token is routed to")
+  n = _int(sec, m, "num_memories", minimum=1)
+  k = _int(sec, m, "top_k", minimum=1, why="memories each token is routed to")
   if n is not None and k is not None and k > n:
-    _fail("model", "top_k", k, f"is larger than config.model.num_memories={n}: a token cannot be routed to "
+    _fail(sec, "top_k", k, f"is larger than config.{sec}.num_memories={n}: a token cannot be routed to "
           "more memories than there are.")
-  _float("model", m, "capacity_factor", low=0.0, why="0 means no capacity limit")
-  _float("model", m, "aux_loss_scale", low=0.0)
-  impl = _choice("model", m, "mom_impl", ("gather", "dense"))
+  _float(sec, m, "capacity_factor", low=0.0, why="0 means no capacity limit")
+  _float(sec, m, "aux_loss_scale", low=0.0)
+  impl = _choice(sec, m, "mom_impl", ("gather", "dense"))
   if impl == "dense" and m.get("conv_width", 0) > 0:
-    _fail("model", "conv_width", m.conv_width, "must be 0 with config.model.mom_impl='dense' (the dense form "
+    _fail(sec, "conv_width", m.conv_width, f"must be 0 with config.{sec}.mom_impl='dense' (the dense form "
           "is exact only without the short convolution); or use mom_impl='gather'.")
   if impl == "dense" and m.get("capacity_factor", 0) > 0:
-    _fail("model", "capacity_factor", m.capacity_factor, "must be 0 with config.model.mom_impl='dense' "
+    _fail(sec, "capacity_factor", m.capacity_factor, f"must be 0 with config.{sec}.mom_impl='dense' "
           "(it drops no token).")
 
 
-def check_neural_memory(m: Any, names: Sequence[str]) -> None:
+def check_neural_memory(m: Any, names: Sequence[str], sec: str = "model") -> None:
   """Titans' neural memory (neural_memory, mac, mag): the layer's own check_config, with the key named."""
   if not any(n in NEURAL_MEMORY_BLOCKS for n in names):
     return
   from memarch.layers import neural_memory  # pylint: disable=g-import-not-at-top
 
-  _int("model", m, "memory_chunk_size", minimum=1, why="tokens per chunk of the memory's parallel form; "
+  _int(sec, m, "memory_chunk_size", minimum=1, why="tokens per chunk of the memory's parallel form; "
        "1 is the exact token recurrence")
   try:
     neural_memory.check_config(m)
   except ValueError as e:
-    raise ValueError(f"config.{e}") from None
+    raise ValueError(f"config.{sec}.{str(e).removeprefix('model.')}") from None
 
 
-def check_model(m: Any) -> None:
-  """The model section: the core keys, then the keys of each block type that layer_blocks uses."""
-  names = check_layer_blocks(m)
-  check_model_core(m)
+def check_decoder(m: Any, sec: str = "model") -> None:
+  """A DecoderLM section (model.name "transformer"): the core keys, then the keys of each block type that
+  layer_blocks uses."""
+  names = check_layer_blocks(m, sec)
+  check_model_core(m, sec)
   for check in (check_attention, check_mlp, check_linear_memory, check_mom, check_neural_memory):
-    check(m, names)
+    check(m, names, sec)
+
+
+def check_hmt(m: Any, sec: str = "model") -> None:
+  """An HMT section (model.name "hmt"): its own keys (memarch.models.hmt.check_config), then its backbone,
+  a full model section of another registered model."""
+  from memarch.models import hmt  # pylint: disable=g-import-not-at-top
+
+  try:
+    hmt.check_config(m)
+  except ValueError as e:
+    raise ValueError(str(e).replace("config.model.", f"config.{sec}.", 1)) from None
+  _int(sec, m, "vocab_size", minimum=0, why="0 takes the data's vocabulary")
+  if "backbone" not in m:
+    raise ValueError(f"config.{sec} (an HMT) has no backbone section.")
+  if m.backbone.get("name") == "hmt":
+    _fail(f"{sec}.backbone", "name", "hmt", "is not allowed: the HMT's backbone must be another registered model.")
+  check_model(m.backbone, f"{sec}.backbone")
+
+
+MODEL_CHECKS = {"transformer": check_decoder, "hmt": check_hmt}  # model.name -> its check
+
+
+def check_model(m: Any, sec: str = "model") -> None:
+  """The model section, by model.name (memarch.models.registry): a name without a check here is accepted
+  as long as it is registered."""
+  from memarch.models import registry  # pylint: disable=g-import-not-at-top
+
+  name = m.get("name", "transformer")
+  if name not in registry.MODELS:
+    _fail(sec, "name", name, f"is not a registered model; registered (memarch.models.registry): "
+          f"{sorted(registry.MODELS)}.")
+  if name in MODEL_CHECKS:
+    MODEL_CHECKS[name](m, sec)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +353,10 @@ def check_train(t: Any) -> None:
   _int("train", t, "eval_every", minimum=0, why="0 evaluates only at the end")
   _int("train", t, "checkpoint_every", minimum=0, why="0 checkpoints only at the end")
   _int("train", t, "keep_checkpoints", minimum=1)
+  _int("train", t, "max_nonfinite_steps", minimum=0, why="0 stops at the first non-finite step")
   _choice("train", t, "progress", PROGRESS_MODES)
+  for key in ("async_checkpoint", "tensorboard", "verify_checkpoints", "handle_signals"):
+    _bool("train", t, key)
 
 
 def check_eval(e: Any) -> None:

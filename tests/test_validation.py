@@ -26,6 +26,7 @@ from memarch.models.lm import check_token_ids
 pytestmark = pytest.mark.timeout(60)
 
 SHIPPED = [
+    "hmt:size=tiny", "hmt:backbone=titans,stage=1", "hmt:backbone=gated_deltanet,recall=prefix",
     "transformer:size=tiny", "transformer:size=small", "transformer:size=base", "gated_deltanet:size=tiny",
     "gated_deltanet:size=small,heads=8", "linear_attention:rule=delta", "linear_attention:rule=simple_gla",
     "based:size=tiny", "based:size=small", "mom:size=tiny", "mom:size=small,memory_rule=simple_gla",
@@ -124,6 +125,20 @@ BAD = {
                                     r"cannot be generated: seq_len=64 is too short"),
     "mqar_eval_vocab": ("transformer:size=tiny", dict(data__mqar__eval_settings=((64, 16),), data__vocab_size=32),
                         r"of config\.data\.mqar\.(eval_)?settings cannot be generated: vocab_size=32 is too small"),
+    "nonfinite_negative": ("transformer:size=tiny", dict(train__max_nonfinite_steps=-1),
+                           r"config\.train\.max_nonfinite_steps=-1 must be >= 0"),
+    "unknown_model": ("transformer:size=tiny", dict(model__name="gpt"),
+                      r"config\.model\.name='gpt' is not a registered model; registered .*'hmt'.*'transformer'"),
+    "hmt_sensory_over_segment": ("hmt:size=tiny", dict(model__sensory_len=20),
+                                 r"config\.model\.sensory_len=20 must be in \[0, segment_len=16\]"),
+    "hmt_backbone_heads": ("hmt:size=tiny", dict(model__backbone__num_heads=3),
+                           r"config\.model\.backbone\.num_heads=3 does not divide config\.model\.backbone\.embed_dim=64"),
+    "hmt_backbone_memory_chunk": ("hmt:backbone=titans", dict(model__backbone__memory_chunk_size=0),
+                                  r"config\.model\.backbone\.memory_chunk_size=0 must be positive"),
+    "hmt_backbone_memory_depth": ("hmt:backbone=titans", dict(model__backbone__memory_depth=0),
+                                  r"config\.model\.backbone\.memory_depth must be >= 1"),
+    "hmt_backbone_block": ("hmt:backbone=gated_deltanet", dict(model__backbone__layer_blocks=("linear_memory", "x")),
+                           r"config\.model\.backbone\.layer_blocks=.* unregistered block type\(s\) \['x'\]"),
     "learned_positions_too_short": ("transformer:size=tiny", dict(model__position_embedding="learned", model__max_len=32),
                                     r"config\.model\.max_len=32 is shorter than config\.data\.seq_len=64"),
 }
@@ -164,6 +179,16 @@ def test_wrong_type_in_an_unlocked_config():
   d["train"]["steps"] = True
   with pytest.raises(ValueError, match=r"config\.train\.steps=True must be an int, got bool"):
     validate.validate_config(ml_collections.ConfigDict(d))
+  d["train"]["steps"] = 10
+  d["train"]["tensorboard"] = "yes"
+  with pytest.raises(ValueError, match=r"config\.train\.tensorboard='yes' must be True or False"):
+    validate.validate_config(ml_collections.ConfigDict(d))
+  d["train"]["tensorboard"] = False
+  d["optim"]["lr"] = "3e-3"
+  with pytest.raises(ValueError, match=r"config\.optim\.lr='3e-3' must be a number, got str"):
+    validate.validate_config(ml_collections.ConfigDict(d))
+  d["optim"]["lr"] = 3e-3
+  validate.validate_config(ml_collections.ConfigDict(d))
 
 
 def test_missing_section():
