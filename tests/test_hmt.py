@@ -234,3 +234,13 @@ def test_short_training_run_and_stage1_initializes_stage2(tmp_path, monkeypatch)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(ref), err_msg=name)
   with pytest.raises(ValueError, match="no checkpoints"):
     hmt.load_stage1_params(str(tmp_path / "nowhere"), fresh)
+
+  # Through the training loop: model.init_from starts stage 2 there (a negligible lr keeps the parameters put).
+  c2 = hmt_config.get_config("segment=16,sensory=2,cache=2,bptt=2,stage=2")
+  c2.model.backbone.embed_dim, c2.model.backbone.num_layers, c2.model.backbone.num_heads = 32, 1, 2
+  c2.data, c2.train, c2.eval = c.data, c.train, c.eval
+  c2.train.steps, c2.optim.lr, c2.model.init_from = 1, 1e-12, str(tmp_path / "stage1")
+  second = train_and_evaluate(c2, str(tmp_path / "stage2"))
+  backbone = lambda p: jax.tree.leaves(p["core"]["backbone"])  # noqa: E731
+  for a, b in zip(backbone(second.state.params), backbone(stage1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-8)
