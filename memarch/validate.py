@@ -291,10 +291,15 @@ def check_model(m: Any, sec: str = "model") -> None:
 def check_data(d: Any) -> None:
   """The data section: a known data.name, a positive seq_len, and what each task needs to fill it
   (MQAR settings that fit seq_len and the vocabulary, a passkey that fits, a text glob)."""
+  from memarch.data import pipeline  # pylint: disable=g-import-not-at-top
+
   name = d.name
-  if not isinstance(name, str) or not (name in ("mqar", "passkey", "text") or
-                                       (name.startswith("tfds:") and len(name) > len("tfds:"))):
-    _fail("data", "name", name, 'is not one of "mqar", "passkey", "text", "tfds:<name>".')
+  if not isinstance(name, str):
+    _fail("data", "name", name, "must be a string.")
+  try:
+    pipeline.data_info(d)  # the pipeline's own list of data names (no data is read)
+  except ValueError as e:
+    _fail("data", "name", name, f"is not a known data set: {e}")
   seq_len = _int("data", d, "seq_len", minimum=1, why="tokens per training row")
   for key in ("num_workers", "read_threads", "prefetch_batches"):
     _int("data", d, key, minimum=0)
@@ -384,12 +389,9 @@ def check_mesh(config: Any, num_devices: int) -> None:
 def check_consistency(config: Any) -> None:
   """Cross-section rules: the model's vocabulary covers the data's; learned positions cover seq_len."""
   m, d = config.model, config.data
-  if d.name in ("mqar", "passkey"):
-    data_vocab = int(d.vocab_size)
-  else:
-    from memarch.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  from memarch.data import pipeline  # pylint: disable=g-import-not-at-top
 
-    data_vocab = ByteTokenizer().vocab_size
+  data_vocab = pipeline.data_info(d).vocab_size
   if m.get("vocab_size", 0) and m.vocab_size < data_vocab:
     _fail("model", "vocab_size", m.vocab_size, f"is smaller than the data's vocabulary ({data_vocab}, "
           f"data.name={d.name!r}); set it to 0 to take the data's.")

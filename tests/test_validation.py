@@ -59,6 +59,17 @@ def test_shipped_configs_are_valid(spec):
   validate.validate_config(ml_collections.FrozenConfigDict(get_config(spec)), num_devices=1)
 
 
+@pytest.mark.parametrize("data", ["mqar_data", "passkey_data", "niah_data", "passkey_text_data", "babilong_data"])
+def test_every_data_section_is_valid(data):
+  from configs import common
+
+  config = get_config("transformer:size=tiny")
+  with config.unlocked():
+    config.data = getattr(common, data)()
+    config.model.max_len = config.data.seq_len
+  validate.validate_config(config, 1)
+
+
 def test_text_config_with_files_is_valid(tmp_path):
   config = get_config("transformer:task=text")
   with pytest.raises(ValueError, match=r"config\.data\.files='' is empty"):
@@ -116,7 +127,8 @@ BAD = {
     "b2_one": ("transformer:size=tiny", dict(optim__b2=1.0), r"config\.optim\.b2=1\.0 must be in \[0, 1\)"),
     "eval_batch_zero": ("transformer:size=tiny", dict(eval__batch_size=0), r"config\.eval\.batch_size=0 must be positive"),
     "seq_len_zero": ("transformer:size=tiny", dict(data__seq_len=0), r"config\.data\.seq_len=0 must be positive"),
-    "unknown_data": ("transformer:size=tiny", dict(data__name="mqar2"), r"config\.data\.name='mqar2' is not one of"),
+    "unknown_data": ("transformer:size=tiny", dict(data__name="mqar2"),
+                     r"config\.data\.name='mqar2' is not a known data set: .*valid choices: \"mqar\""),
     "mqar_setting_too_long": ("transformer:size=tiny", dict(data__seq_len=32),
                               r"setting \(seq_len=64, num_kv_pairs=4\) of config\.data\.mqar\.settings is longer "
                               r"than data\.seq_len=32"),
