@@ -51,11 +51,16 @@ when an input is float64, for finite-difference tests).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import itertools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _F32 = jnp.float32
 # Stand-in for log(0): exp of it (and of any sum containing it) is exactly 0 in float32, and sums of at most a
@@ -69,7 +74,8 @@ Weights = tuple  # tuple of jax.Array, one per layer
 class MemorySpec:
   """Static shape of the memory MLP of one head.
 
-  dim: d_h, the size of keys, values and queries.
+  dim: d_h, the size of values (the memory's output) and, when in_dim is 0, of keys and queries.
+  in_dim: the size of keys and queries (the memory's input) when a feature map changes it (0: dim).
   depth: number of weight matrices L >= 1 (1: a matrix, a linear memory).
   expansion: hidden size = expansion * dim for depth >= 2.
   activation: "silu" | "gelu" (exact, erf) between layers.
@@ -80,22 +86,33 @@ class MemorySpec:
   expansion: int = 4
   activation: str = "silu"
   residual: bool = False
+  in_dim: int = 0
 
   def __post_init__(self):
     for name in ("dim", "depth", "expansion"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"MemorySpec.{name} must be a positive int, got {value!r}.")
+    if not isinstance(self.in_dim, int) or self.in_dim < 0:
+      raise ValueError(f"MemorySpec.in_dim must be an int >= 0 (0: dim), got {self.in_dim!r}.")
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"MemorySpec.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}.")
+    if self.residual and self.input_dim != self.dim:
+      raise ValueError(f"MemorySpec: residual=True needs in_dim == dim (M(x) = x + MLP(x)), got in_dim "
+                       f"{self.input_dim} and dim {self.dim}.")
+
+  @property
+  def input_dim(self) -> int:
+    """The size of keys and queries (in_dim, or dim when in_dim is 0)."""
+    return self.in_dim or self.dim
 
   @property
   def shapes(self) -> tuple[tuple[int, int], ...]:
     """(d_in, d_out) of each layer."""
     if self.depth == 1:
-      return ((self.dim, self.dim),)
+      return ((self.input_dim, self.dim),)
     hidden = self.expansion * self.dim
-    return ((self.dim, hidden),) + ((hidden, hidden),) * (self.depth - 2) + ((hidden, self.dim),)
+    return ((self.input_dim, hidden),) + ((hidden, hidden),) * (self.depth - 2) + ((hidden, self.dim),)
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -127,10 +144,10 @@ def broadcast(weights: Weights, batch: int) -> Weights:
 
 def apply(weights: Weights, x: jax.Array, spec: MemorySpec) -> jax.Array:
   """M_W(x). weights: per layer `[batch, heads, d_in, d_out]` (or `[heads, d_in, d_out]`, shared over the batch);
-  x `[batch, seq, heads, dim]` -> `[batch, seq, heads, dim]` float32."""
+  x `[batch, seq, heads, input_dim]` -> `[batch, seq, heads, dim]` float32."""
   _check_weights(weights, spec, None, "apply")
-  if x.ndim != 4 or x.shape[-1] != spec.dim:
-    raise ValueError(f"apply: x must be [batch, seq, heads, {spec.dim}], got shape {x.shape}.")
+  if x.ndim != 4 or x.shape[-1] != spec.input_dim:
+    raise ValueError(f"apply: x must be [batch, seq, heads, {spec.input_dim}], got shape {x.shape}.")
   dt = _compute_dtype(weights, x)
   # [b, t, h, d] -> [b, h, t, d]: the heads become a batch axis of the matmuls (shared weights broadcast).
   y = _mlp(_cast(tuple(weights), dt), jnp.swapaxes(x.astype(dt), 1, 2), spec)
@@ -167,13 +184,14 @@ def _check_weights(weights, spec: MemorySpec, lead: tuple[int, ...] | None, op: 
 def _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, op, seq_axis=True):
   nd = 4 if seq_axis else 3
   layout = "[batch, seq, heads, dim]" if seq_axis else "[batch, heads, dim]"
-  for name, x in (("k", k), ("v", v), ("q", q)):
-    if x.ndim != nd or x.shape[-1] != spec.dim:
-      raise ValueError(f"{op}: {name} must be {layout} with dim={spec.dim}, got shape {x.shape}.")
+  for name, x, size in (("k", k, spec.input_dim), ("v", v, spec.dim), ("q", q, spec.input_dim)):
+    if x.ndim != nd or x.shape[-1] != size:
+      raise ValueError(f"{op}: {name} must be {layout} with dim={size}, got shape {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{op}: {name} must be floating point, got {x.dtype}.")
-  if not (k.shape == v.shape == q.shape):
-    raise ValueError(f"{op}: k {k.shape}, v {v.shape} and q {q.shape} must have the same shape.")
+  if not (k.shape == q.shape and k.shape[:-1] == v.shape[:-1]):
+    raise ValueError(f"{op}: k {k.shape}, v {v.shape} and q {q.shape} must have the same shape (but the last "
+                     "axis of v when a feature map changes the keys' size).")
   for name, g in (("theta", theta), ("eta", eta), ("alpha", alpha)):
     if tuple(g.shape) != k.shape[:-1]:
       raise ValueError(f"{op}: gate {name} must have shape {k.shape[:-1]} (k without dim), got {tuple(g.shape)}.")
@@ -215,7 +233,8 @@ def _time_major(dt, *xs):
   return tuple(jnp.swapaxes(x.astype(dt), 0, 1) for x in xs)
 
 
-def reference_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, read: str = "after"):
+def reference_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, read: str = "after",
+                     gamma=None, window: int = 1, window_state=None, optimizer: str = "momentum"):
   """The token recurrence (module docstring), one `lax.scan` step per token; the inner gradient by `jax.grad`.
 
   Args:
@@ -231,6 +250,10 @@ def reference_update(weights, momentum, k, v, q, theta, eta, alpha, spec: Memory
   _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, "reference_update")
   if read == "chunk_start":
     raise ValueError("reference_update: read='chunk_start' needs chunks; use minibatch_reference or chunked_update.")
+  _check_rule(k, v, gamma, window, window_state, optimizer, "reference_update")
+  if not _plain(gamma, window, window_state, optimizer):
+    return _atlas_reference_update(weights, momentum, k, v, q, theta, eta, alpha, spec, read, gamma, window,
+                                   window_state, optimizer)
   grad_fn = _per_head(jax.grad(lambda ws, kk, vv: _loss_one(ws, kk, vv, spec)))
   apply_fn = _per_head(lambda ws, x: _apply_one(ws, x, spec))
 
@@ -267,7 +290,8 @@ def _chunks(x, n, b):
 
 
 def minibatch_reference(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, chunk_size: int,
-                        read: str = "after"):
+                        read: str = "after", gamma=None, window: int = 1, window_state=None,
+                        optimizer: str = "momentum"):
   """The chunked (mini-batch) rule as a slow loop: per chunk, every token's gradient at the chunk's start
   weights (`jax.grad`, vmapped over the chunk's tokens), then the momentum and forgetting recurrences token by
   token, materializing each token's weights and reading with them. Arguments and outputs as `reference_update`,
@@ -275,6 +299,10 @@ def minibatch_reference(weights, momentum, k, v, q, theta, eta, alpha, spec: Mem
   tokens are skipped, so the state is exact)."""
   _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, "minibatch_reference")
   _check_chunk(chunk_size, "minibatch_reference")
+  _check_rule(k, v, gamma, window, window_state, optimizer, "minibatch_reference")
+  if not _plain(gamma, window, window_state, optimizer):
+    return _atlas_minibatch_reference(weights, momentum, k, v, q, theta, eta, alpha, spec, chunk_size, read, gamma,
+                                      window, window_state, optimizer)
   t = k.shape[1]
   b = chunk_size
   n = -(-t // b)
@@ -313,7 +341,7 @@ def minibatch_reference(weights, momentum, k, v, q, theta, eta, alpha, spec: Mem
 
   carry = _cast((tuple(weights), tuple(momentum)), dt)
   carry, reads = jax.lax.scan(chunk, carry, tuple(xs))  # reads [n, b, batch, heads, d]
-  reads = jnp.moveaxis(reads, 2, 0).reshape((k.shape[0], n * b) + k.shape[2:])
+  reads = jnp.moveaxis(reads, 2, 0).reshape((k.shape[0], n * b) + v.shape[2:])
   return reads[:, :t], carry
 
 
@@ -463,7 +491,8 @@ def _chunk_step(carry, cx, *, spec: MemorySpec):
 
 
 def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, chunk_size: int = 16,
-                   read: str = "after"):
+                   read: str = "after", gamma=None, window: int = 1, window_state=None,
+                   optimizer: str = "momentum"):
   """The chunked (mini-batch gradient) update in closed form; equals `minibatch_reference` (and, with
   chunk_size = 1, `reference_update`). See the module docstring for the math.
 
@@ -486,11 +515,16 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
   """
   _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, "chunked_update")
   _check_chunk(chunk_size, "chunked_update")
-  bsz, t, h, d = k.shape
+  _check_rule(k, v, gamma, window, window_state, optimizer, "chunked_update")
+  if not _plain(gamma, window, window_state, optimizer):
+    return _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, chunk_size, read, gamma,
+                                 window, window_state, optimizer)
+  bsz, t, h, _ = k.shape
+  d = v.shape[-1]
   dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha)
   carry = _cast((tuple(weights), tuple(momentum)), dt)
   if t == 0:
-    return jnp.zeros(k.shape, dt), carry
+    return jnp.zeros(v.shape, dt), carry
   b = min(chunk_size, t)
   n = -(-t // b)
   total = n * b
@@ -511,7 +545,8 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
 # ------------------------------------------------------------------------------------------------ decoding
 
 
-def step(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, read: str = "after"):
+def step(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, read: str = "after", gamma=None,
+         window: int = 1, window_state=None, optimizer: str = "momentum"):
   """One token (decoding): the recurrence's step with the hand backward of `chunked_update`.
 
   Args:
@@ -524,6 +559,10 @@ def step(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, rea
     `(read [batch, heads, dim] float32, (weights, momentum))`: the state has a fixed size.
   """
   _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, "step", seq_axis=False)
+  _check_rule(k, v, gamma, window, window_state, optimizer, "step")
+  if not _plain(gamma, window, window_state, optimizer):
+    return _atlas_step(weights, momentum, k, v, q, theta, eta, alpha, spec, read, gamma, window, window_state,
+                       optimizer)
   dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha)
   w0, s0 = _cast((tuple(weights), tuple(momentum)), dt)
   k, v, q = (x.astype(dt)[:, :, None, :] for x in (k, v, q))  # [B, H, 1, d]: a chunk of one token
@@ -535,5 +574,341 @@ def step(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, rea
   return out[:, :, 0], (w1, s1)
 
 
-__all__ = ["MemorySpec", "READ_MODES", "init_weights", "broadcast", "apply", "reference_update",
-           "minibatch_reference", "chunked_update", "step"]
+# ------------------------------------------------------------------------------------------------ ATLAS options
+#
+# Options of the same memory (Behrouz et al., "ATLAS: Learning to Optimally Memorize the Context at Test Time",
+# 2025), selected by keyword arguments of reference_update / minibatch_reference / chunked_update / step; their
+# defaults (window=1, gamma=None, window_state=None, optimizer="momentum") run the Titans code above unchanged.
+#
+# Omega rule (window = c >= 1, gates gamma_i in [0, 1], `[batch, seq, heads]`; None: all ones):
+#
+#     g_t = grad_W sum_{i=t-c+1..t} gamma_i || M_W(k_i) - v_i ||^2 |_{W_{t-1}}
+#
+# replaces u_t (c = 1 with gamma = 1 is Titans). Tokens before the sequence come from `window_state`, the
+# last c - 1 (keys, values, gammas) `[batch, c-1, heads, ...]` of the previous call (None: none, i.e. gamma 0);
+# `next_window` gives the state after a call. The chunked form takes every gradient of a chunk's windows at the
+# chunk's starting weights W_0, including those of window tokens that lie in earlier chunks (recomputed at the new
+# W_0, never reused): with the chunk extended by its c - 1 previous tokens to E = b + c - 1 tokens and per-token
+# gradients u_i at W_0, g_j = sum_i Band[j, i] gamma_i u_i with Band[j, i] = 1 for j <= i <= j + c - 1 (the
+# sliding sum). Since g is linear in the u_i, the Titans closed form holds with C and the momentum coefficients
+# multiplied on the right by Band diag(gamma): C'[t, i] = gamma_i sum_j C[t, j] Band[j, i], and the read is
+# R = diag(beta) Z W_0 + diag(b) Z S_0 - (C' * (Z X_ext^T)) Delta_ext over the E extended tokens.
+#
+# Optimizers (the gradient g_t of either rule):
+#     momentum:  S_t = eta_t S_{t-1} - theta_t g_t,   W_t = (1 - alpha_t) W_{t-1} + S_t        (Titans)
+#     gd:        S_t = - theta_t g_t,                 W_t = (1 - alpha_t) W_{t-1} + S_t        (eta ignored)
+#     muon:      S_t = eta_t S_{t-1} + g_t,           W_t = (1 - alpha_t) W_{t-1} - theta_t NS5(S_t)
+# NS5 is the Newton-Schulz orthogonalization of each weight matrix (per batch element and head; 5 steps of
+# X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = (3.4445, -4.7750, 2.0315), after X = S / ||S||_F), as in the
+# Muon optimizer: theta is the step size of the orthogonalized momentum (ATLAS writes its learning rate inside the
+# momentum; NS5 removes the momentum's scale, so only the step after it bounds the update). Muon is not linear in
+# the momentum, so the closed form over a chunk does not hold: `chunked_update` runs a `lax.scan` over the
+# chunk's tokens (the gradients still all at W_0, computed at once by the hand backward), materializing one
+# (W_t, S_t) at a time; it equals `minibatch_reference` (and with chunk_size 1, `reference_update`).
+#
+# Feature maps (`poly_features`, `elementwise_poly_features`) are applied to keys and queries by the layer;
+# a map that changes their size is described by MemorySpec.in_dim.
+
+OPTIMIZERS = ("gd", "momentum", "muon")
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def newton_schulz(x: jax.Array, steps: int = NS_STEPS, eps: float = 1e-7) -> jax.Array:
+  """Approximate orthogonalization U V^T of x = U S V^T over the last two axes (Muon's quintic Newton-Schulz).
+
+  x `[..., m, n]` -> `[..., m, n]` float32 (float64 for float64 input); singular values land in about
+  [0.7, 1.2] (the quintic's coefficients trade exactness for speed: it does not converge to 1).
+  """
+  dt = _compute_dtype(x)
+  x = x.astype(dt)
+  tall = x.shape[-2] > x.shape[-1]
+  if tall:
+    x = jnp.swapaxes(x, -1, -2)
+  x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+  a, b, c = NS_COEFFICIENTS
+  for _ in range(steps):
+    m = x @ jnp.swapaxes(x, -1, -2)
+    x = a * x + (b * m + c * (m @ m)) @ x
+  return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def poly_feature_size(dim: int, degree: int) -> int:
+  """C(dim + degree, degree): the number of monomials of degree <= `degree` in `dim` variables."""
+  return math.comb(dim + degree, degree)
+
+
+def poly_features(x: jax.Array, degree: int) -> jax.Array:
+  """All monomials of x up to `degree` (Based's Taylor map, generalized): x `[..., d]` -> `[..., C(d+p, p)]`.
+
+  Entry beta (a multi-index, |beta| <= p) is x^beta / sqrt(beta!), so that
+  phi(x) . phi(y) = sum_{r=0..p} (x . y)^r / r!  (the degree-p Taylor polynomial of exp(x . y)).
+  """
+  if not isinstance(degree, int) or degree < 1:
+    raise ValueError(f"poly_features: degree must be a positive int, got {degree!r}.")
+  d = x.shape[-1]
+  x = x.astype(_compute_dtype(x))
+  feats = [jnp.ones(x.shape[:-1] + (1,), x.dtype)]
+  for r in range(1, degree + 1):
+    combos = np.asarray(list(itertools.combinations_with_replacement(range(d), r)), np.int32)  # [n_r, r]
+    coef = np.asarray([1.0 / math.sqrt(math.prod(math.factorial(m) for m in collections.Counter(cb).values()))
+                       for cb in combos.tolist()])
+    feats.append(jnp.prod(x[..., combos], axis=-1) * coef.astype(x.dtype))
+  return jnp.concatenate(feats, axis=-1)
+
+
+def elementwise_poly_features(x: jax.Array, coeffs: jax.Array) -> jax.Array:
+  """sum_{r=1..p} a_r x^r elementwise (the size stays d): x `[..., heads, d]`, coeffs `[heads, p]` (a_1..a_p)."""
+  x = x.astype(_compute_dtype(x, coeffs))
+  out, power = 0.0, jnp.ones_like(x)
+  for r in range(coeffs.shape[-1]):
+    power = power * x
+    out = out + coeffs[..., r, None].astype(x.dtype) * power
+  return out
+
+
+def _plain(gamma, window, window_state, optimizer) -> bool:
+  """The Titans rule (the code paths above, bit for bit)."""
+  return gamma is None and window == 1 and window_state is None and optimizer == "momentum"
+
+
+def _check_rule(k, v, gamma, window, window_state, optimizer, op, seq_axis=True):
+  if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    raise ValueError(f"{op}: window (the Omega rule's objective window c) must be a positive int, got {window!r}.")
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"{op}: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+  if gamma is not None and tuple(gamma.shape) != tuple(k.shape[:-1]):
+    raise ValueError(f"{op}: gamma must have shape {tuple(k.shape[:-1])} (k without dim), got {tuple(gamma.shape)}.")
+  if window_state is not None:
+    if window == 1:
+      raise ValueError(f"{op}: window_state is the last window - 1 tokens; with window=1 pass None.")
+    bsz, h, n = k.shape[0], k.shape[-2], window - 1
+    want = ((bsz, n, h, k.shape[-1]), (bsz, n, h, v.shape[-1]), (bsz, n, h))
+    if not isinstance(window_state, (tuple, list)) or len(window_state) != 3:
+      raise ValueError(f"{op}: window_state must be a tuple (keys, values, gammas), got {type(window_state)}.")
+    for name, x, shape in zip(("keys", "values", "gammas"), window_state, want):
+      if tuple(x.shape) != shape:
+        raise ValueError(f"{op}: window_state {name} must have shape {shape}, got {tuple(x.shape)}.")
+
+
+def empty_window(batch: int, heads: int, window: int, spec: MemorySpec, dtype=_F32):
+  """The window state before any token: c - 1 zero keys and values with gamma 0 (they add nothing); None for
+  window 1. Shapes `[batch, c-1, heads, input_dim]`, `[batch, c-1, heads, dim]`, `[batch, c-1, heads]`."""
+  if window == 1:
+    return None
+  n = window - 1
+  return (jnp.zeros((batch, n, heads, spec.input_dim), dtype), jnp.zeros((batch, n, heads, spec.dim), dtype),
+          jnp.zeros((batch, n, heads), dtype))
+
+
+def _prepend_window(window_state, k, v, g, window, dt):
+  """(window_state; k, v, g) along axis 1 (seq): `[batch, c-1+t, heads, ...]` in dt."""
+  k, v, g = (x.astype(dt) for x in (k, v, g))
+  if window == 1:
+    return k, v, g
+  if window_state is None:
+    window_state = empty_window(k.shape[0], k.shape[2], window,
+                                MemorySpec(dim=v.shape[-1], in_dim=k.shape[-1], depth=1), dt)
+  return tuple(jnp.concatenate([w.astype(dt), x], axis=1) for w, x in zip(window_state, (k, v, g)))
+
+
+def next_window(window_state, k, v, gamma, window: int):
+  """The window state after a call on k, q `[batch, seq, heads, ...]` (gamma `[batch, seq, heads]` or None:
+  ones): the last c - 1 tokens of (window_state; k, v, gamma). None for window 1."""
+  if window == 1:
+    return None
+  g = jnp.ones(k.shape[:-1], _F32) if gamma is None else gamma
+  dt = _compute_dtype(k, v, g, window_state)
+  full = _prepend_window(window_state, k, v, g, window, dt)
+  return tuple(x[:, x.shape[1] - (window - 1):] for x in full)
+
+
+def _opt_step(ws, ss, g, th, et, al, optimizer):
+  """One optimizer step (see the section comment): gates `[batch, heads]`, the rest per layer."""
+  th, et, al = (x[..., None, None] for x in (th, et, al))
+  if optimizer == "momentum":
+    ss = tuple(et * s - th * u for s, u in zip(ss, g))
+    return tuple((1 - al) * w + s for w, s in zip(ws, ss)), ss
+  if optimizer == "gd":
+    ss = tuple(-th * u for u in g)
+    return tuple((1 - al) * w + s for w, s in zip(ws, ss)), ss
+  ss = tuple(et * s + u for s, u in zip(ss, g))
+  return tuple((1 - al) * w - th * newton_schulz(s) for w, s in zip(ws, ss)), ss
+
+
+def _band(b: int, window: int, dt) -> jax.Array:
+  """Band `[b, b + c - 1]`: 1 where token j of the chunk has extended token i in its window (j <= i <= j+c-1)."""
+  j = np.arange(b)[:, None]
+  i = np.arange(b + window - 1)[None, :]
+  return jnp.asarray((i >= j) & (i <= j + window - 1), dt)
+
+
+def _windowed_grad_fn(spec):
+  """Per head: grad_W sum_i g_i ||M_W(k_i) - v_i||^2 (ks `[c, in]`, vs `[c, d]`, gs `[c]`), by jax.grad."""
+  def loss(ws, ks, vs, gs):
+    return jnp.sum(gs * jax.vmap(lambda kk, vv: _loss_one(ws, kk, vv, spec))(ks, vs))
+  return _per_head(jax.grad(loss))
+
+
+def _atlas_reference_update(weights, momentum, k, v, q, theta, eta, alpha, spec, read, gamma, window, window_state,
+                            optimizer):
+  """`reference_update` with the ATLAS options: the token recurrence, each step's windowed gradient at W_{t-1}
+  by jax.grad over the window's (at most c) tokens."""
+  dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha, gamma, window_state)
+  t = k.shape[1]
+  g = jnp.ones(k.shape[:-1], dt) if gamma is None else gamma
+  kf, vf, gf = _prepend_window(window_state, k, v, g, window, dt)  # [B, c-1+t, H, ...]
+  idx = np.arange(t)[:, None] + np.arange(window)[None]  # [t, c]: token t's window in the full sequence
+  kw, vw = (jnp.transpose(x[:, idx], (1, 0, 3, 2, 4)) for x in (kf, vf))  # [t, B, H, c, ...]
+  gw = jnp.transpose(gf[:, idx], (1, 0, 3, 2))  # [t, B, H, c]
+  grad_fn = _windowed_grad_fn(spec)
+  apply_fn = _per_head(lambda ws, x: _apply_one(ws, x, spec))
+
+  def body(carry, xs):
+    ws, ss = carry
+    kt, vt, gt, q_t, th, et, al = xs
+    before = apply_fn(ws, q_t) if read == "before" else None
+    ws, ss = _opt_step(ws, ss, grad_fn(ws, kt, vt, gt), th, et, al, optimizer)
+    return (ws, ss), (before if read == "before" else apply_fn(ws, q_t))
+
+  carry = _cast((tuple(weights), tuple(momentum)), dt)
+  carry, reads = jax.lax.scan(body, carry, (kw, vw, gw) + _time_major(dt, q, theta, eta, alpha))
+  return jnp.swapaxes(reads, 0, 1), carry
+
+
+def _extended(kf, n, b, window):
+  """Each chunk's tokens and their c - 1 predecessors: kf `[B, c-1+n*b, ...]` -> `[B, n, b+c-1, ...]`."""
+  idx = np.arange(n)[:, None] * b + np.arange(b + window - 1)[None]
+  return kf[:, idx]
+
+
+def _atlas_minibatch_reference(weights, momentum, k, v, q, theta, eta, alpha, spec, chunk_size, read, gamma,
+                               window, window_state, optimizer):
+  """`minibatch_reference` with the ATLAS options: per chunk, every token's gradient of the chunk's extended
+  tokens at W_0 (jax.grad), the windowed sums by an explicit band, then the optimizer token by token."""
+  t, b = k.shape[1], chunk_size
+  n = -(-t // b)
+  e = b + window - 1
+  dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha, gamma, window_state)
+  g = jnp.ones(k.shape[:-1], dt) if gamma is None else gamma
+  kf, vf, gf = _prepend_window(window_state, *(_pad_seq(x.astype(dt), n * b) for x in (k, v, g)), window, dt)
+  kx, vx = (jnp.transpose(_extended(x, n, b, window), (1, 0, 3, 2, 4)) for x in (kf, vf))  # [n, B, H, e, ..]
+  gx = jnp.transpose(_extended(gf, n, b, window), (1, 0, 3, 2))  # [n, B, H, e]
+  valid = _pad_seq(jnp.ones(k.shape[:2], bool), n * b, False)[..., None]
+  xs = [_chunks(_pad_seq(x.astype(dt), n * b), n, b) for x in (q, theta, eta, alpha)] + [_chunks(valid, n, b)]
+  band = _band(b, window, dt)
+  grad_fn = _per_head(jax.vmap(jax.grad(lambda ws, kk, vv: _loss_one(ws, kk, vv, spec)), in_axes=(None, 0, 0)))
+  apply_fn = _per_head(lambda ws, x: _apply_one(ws, x, spec))
+  del e
+
+  def chunk(carry, cx):
+    w0, s0 = carry
+    kc, vc, gc, qc, thc, etc, alc, vac = cx
+    us = grad_fn(w0, kc, vc)  # per layer [B, H, e, d_in, d_out], all at W_0
+    gs = tuple(jnp.einsum("ji,bhi,bhixy->jbhxy", band, gc, u) for u in us)  # [b, B, H, d_in, d_out]
+
+    def token(c, x):
+      ws, ss = c
+      gt, q_t, th, et, al, ok = x
+      nws, nss = _opt_step(ws, ss, gt, th, et, al, optimizer)
+      out = apply_fn({"after": nws, "before": ws, "chunk_start": w0}[read], q_t)
+      keep = ok[..., None, None]
+      nws = tuple(jnp.where(keep, a, o) for a, o in zip(nws, ws))
+      nss = tuple(jnp.where(keep, a, o) for a, o in zip(nss, ss))
+      return (nws, nss), out
+
+    return jax.lax.scan(token, (w0, s0), (gs, qc, thc, etc, alc, vac))
+
+  carry = _cast((tuple(weights), tuple(momentum)), dt)
+  carry, reads = jax.lax.scan(chunk, carry, (kx, vx, gx, *xs))  # reads [n, b, B, H, d]
+  reads = jnp.moveaxis(reads, 2, 0).reshape((k.shape[0], n * b) + v.shape[2:])
+  return reads[:, :t], carry
+
+
+def _muon_chunk_step(carry, cx, *, spec: MemorySpec, read: str):
+  """One chunk under muon: every gradient at W_0 (hand backward over the extended chunk), then a scan over the
+  chunk's tokens (muon is not linear in the momentum: no closed form)."""
+  w0, s0 = carry
+  k, v, q, th, et, al, wgt, valid = cx  # k, v [B,H,e,.]; q [B,H,b,in]; gates [B,H,b]; wgt [B,H,b,e]; valid [b]
+  xs, deltas = _forward_backward(w0, k, v, spec)
+  xts = [jnp.swapaxes(x, -1, -2) for x in xs]
+
+  def token(c, x):
+    ws, ss = c
+    q_t, th_t, et_t, al_t, w_t, ok = x
+    grads = tuple(xt @ (w_t[..., None] * dl) for xt, dl in zip(xts, deltas))  # sum_i w_t[i] X_i^T Delta_i
+    nws, nss = _opt_step(ws, ss, grads, th_t, et_t, al_t, "muon")
+    src = {"after": nws, "before": ws, "chunk_start": w0}[read]
+    out = _mlp(src, q_t[..., None, :], spec)[..., 0, :]
+    nws = tuple(jnp.where(ok, a, o) for a, o in zip(nws, ws))
+    nss = tuple(jnp.where(ok, a, o) for a, o in zip(nss, ss))
+    return (nws, nss), out
+
+  tm = lambda a: jnp.moveaxis(a, 2, 0)
+  carry, reads = jax.lax.scan(token, (w0, s0), (tm(q), tm(th), tm(et), tm(al), tm(wgt), valid))
+  return carry, jnp.moveaxis(reads, 0, 2)
+
+
+def _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, chunk_size, read, gamma, window,
+                          window_state, optimizer):
+  """`chunked_update` with the ATLAS options (section comment): the band-widened closed form for gd and
+  momentum, a scan inside each chunk for muon."""
+  bsz, t, h, _ = k.shape
+  d = v.shape[-1]
+  dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha, gamma, window_state)
+  carry = _cast((tuple(weights), tuple(momentum)), dt)
+  if t == 0:
+    return jnp.zeros(v.shape, dt), carry
+  b = min(chunk_size, t)
+  n = -(-t // b)
+  total = n * b
+
+  def heads_major(x):  # [B, n*b, H, ...] -> [n, B, H, b, ...]
+    x = _pad_seq(x.astype(dt), total).reshape((bsz, n, b) + x.shape[2:])
+    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+  qc, thc, etc, alc = (heads_major(x) for x in (q, theta, eta, alpha))
+  if optimizer == "gd":
+    etc = jnp.zeros_like(etc)
+  g = jnp.ones(k.shape[:-1], dt) if gamma is None else gamma
+  kf, vf, gf = _prepend_window(window_state, *(_pad_seq(x.astype(dt), total) for x in (k, v, g)), window, dt)
+  kx, vx = (jnp.transpose(_extended(x, n, b, window), (1, 0, 3, 2, 4)) for x in (kf, vf))  # [n, B, H, e, ..]
+  gx = jnp.transpose(_extended(gf, n, b, window), (1, 0, 3, 2))  # [n, B, H, e]
+  band = _band(b, window, dt)
+  if optimizer == "muon":
+    wgt = band * gx[..., None, :]  # [n, B, H, b, e]
+    valid = jnp.asarray(np.arange(total).reshape(n, b) < t)
+    body = jax.checkpoint(functools.partial(_muon_chunk_step, spec=spec, read=read))
+    carry, reads = jax.lax.scan(body, carry, (kx, vx, qc, thc, etc, alc, wgt, valid))
+  else:
+    read_co, end_co = _read_and_end_coefficients(thc, etc, alc, read, (t - 1) % b)
+    widen = lambda m: jnp.einsum("...tj,ji->...ti", m, band) * gx[..., None, :]  # C -> C Band diag(gamma)
+    if read_co is not None:
+      read_co = (read_co[0], read_co[1], widen(read_co[2]))
+    be, bse, ee, ce, see = end_co
+    end_co = (be, bse, ee, widen(ce[..., None, :])[..., 0, :], widen(see[..., None, :])[..., 0, :])
+    body = jax.checkpoint(lambda c, x: _chunk_step(c, x, spec=spec))
+    carry, reads = jax.lax.scan(body, carry, (kx, vx, qc, read_co, end_co))  # reads [n, B, H, b, d]
+  reads = jnp.moveaxis(reads, 0, 1)  # [B, n, H, b, d]
+  reads = jnp.swapaxes(reads, 2, 3).reshape(bsz, total, h, d)
+  return reads[:, :t], carry
+
+
+def _atlas_step(weights, momentum, k, v, q, theta, eta, alpha, spec, read, gamma, window, window_state, optimizer):
+  """`step` with the ATLAS options: the window's gradients at the current weights by the hand backward."""
+  dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha, gamma, window_state)
+  w0, s0 = _cast((tuple(weights), tuple(momentum)), dt)
+  g = jnp.ones(k.shape[:-1], dt) if gamma is None else gamma
+  kf, vf, gf = _prepend_window(window_state, k[:, None], v[:, None], g[:, None], window, dt)  # [B, c, H, ..]
+  kx, vx = (jnp.swapaxes(x, 1, 2) for x in (kf, vf))
+  gx = jnp.swapaxes(gf, 1, 2)  # [B, H, c]
+  xs, deltas = _forward_backward(w0, kx, vx, spec)
+  grads = tuple(jnp.swapaxes(x, -1, -2) @ (gx[..., None] * dl) for x, dl in zip(xs, deltas))
+  w1, s1 = _opt_step(w0, s0, grads, *(x.astype(dt) for x in (theta, eta, alpha)), optimizer)
+  out = _mlp(w1 if read == "after" else w0, q.astype(dt)[:, :, None, :], spec)
+  return out[:, :, 0], (w1, s1)
+
+
+__all__ = ["MemorySpec", "READ_MODES", "OPTIMIZERS", "init_weights", "broadcast", "apply", "reference_update",
+           "minibatch_reference", "chunked_update", "step", "newton_schulz", "poly_features",
+           "poly_feature_size", "elementwise_poly_features", "empty_window", "next_window"]
