@@ -7,10 +7,27 @@ Variants (`:variant=`), the block types of one layer (memarch.layers.blocks; rep
   mag: ("mag", "mlp")                                   memory as gate (sliding-window attention x memory)
   mal: ("neural_memory", "window_attention", "mlp")     memory as layer, then sliding-window attention
   lmm: ("neural_memory", "mlp")                         the neural memory alone, no attention
+  atlas: ("neural_memory", "mlp") with the ATLAS memory  (Behrouz et al. 2025; the DeepTransformer-style model:
+        attention-free memory blocks + MLP, like lmm) whose memory optimizes an Omega-rule objective over the
+        last memory_objective_window = 8 tokens (gates gamma), with the Muon optimizer (Newton-Schulz
+        orthogonalized momentum) and elementwise polynomial features of degree 3 on keys and queries; its
+        decoding state holds, besides the memory, the last 7 keys, values and gammas (a fixed size)
 Sizes (`:size=`): tiny (width 64, 2 layers, 4 heads; the tiny MQAR task of configs/transformer.py: 64
 tokens with 4, 8 and 16 pairs, vocab 256, and its training settings, so the two compare directly), small
 and base (MQAR with the Zoology vocabulary, as configs/transformer.py). `task=mqar|text` as in
 configs/transformer.py. Every value can be overridden, e.g. `--config.model.memory_chunk_size=8`.
+
+ATLAS options of the neural memory (every variant has them; the Titans values are the defaults of mac, mag,
+mal, lmm; memarch/layers/neural_memory.py and memarch/memory/neural.py give the math):
+  memory_objective_window  c >= 1: the Omega rule, each update's gradient is that of the gamma-weighted losses of
+                           the last c tokens (1: Titans, no gamma gates). MAC supports only 1.
+  memory_optimizer         "momentum" (Titans) | "gd" (no momentum) | "muon" (momentum orthogonalized by 5
+                           Newton-Schulz steps before the update; theta_max is then the step size per token).
+  memory_feature_map       "identity" | "poly_elementwise" (sum_{r<=p} a_r x^r elementwise with learned a_r: the
+                           memory's input size stays head_dim) | "poly" (all monomials of degree <= p, Based's
+                           Taylor map: input size C(head_dim + p, p), e.g. 153 for head_dim 16 and p = 2, 969 for
+                           head_dim 16 and p = 3; the memory's first layer grows to that many rows).
+  memory_feature_degree    p >= 1 of the feature maps (unused by "identity").
 """
 
 from __future__ import annotations
@@ -24,7 +41,12 @@ VARIANTS = {
     "mag": ("mag", "mlp"),
     "mal": ("neural_memory", "window_attention", "mlp"),
     "lmm": ("neural_memory", "mlp"),
+    "atlas": ("neural_memory", "mlp"),
 }
+
+# The ATLAS memory of variant=atlas (the other variants keep the Titans memory: window 1, momentum, identity).
+ATLAS = {"memory_objective_window": 8, "memory_optimizer": "muon", "memory_feature_map": "poly_elementwise",
+         "memory_feature_degree": 3}
 
 SIZES = {
     #         embed layers heads mlp   window segment persistent chunk
@@ -69,6 +91,14 @@ def model_config(variant: str, size: str, max_len: int) -> ml_collections.Config
   # theta_t scaled by (1 - eta_t): momentum as a moving average of the surprise, so the step stays bounded
   # when the model learns eta -> 1 (False: the paper's parametrization; diverged on MQAR at lr >= 3e-3).
   c.memory_ema_momentum = True
+  # ATLAS options (module docstring): the Titans memory unless variant=atlas.
+  c.memory_objective_window = 1  # Omega rule window c (1: Titans' last-token objective)
+  c.memory_optimizer = "momentum"  # "gd" | "momentum" | "muon"
+  c.memory_feature_map = "identity"  # "identity" | "poly_elementwise" | "poly" (input size C(head_dim + p, p))
+  c.memory_feature_degree = 2  # p of the feature maps
+  if variant == "atlas":
+    for key, value in ATLAS.items():
+      setattr(c, key, value)
   c.conv_width = 4  # short causal depthwise convolution on q, k, v
   c.tie_embeddings = True
   c.norm_eps = 1e-6

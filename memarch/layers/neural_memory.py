@@ -44,9 +44,28 @@ memory_chunk_size (tokens per chunk of the parallel form: gradients inside a chu
 starting weights), memory_read ("after" | "before" | "chunk_start"), theta_max, memory_ema_momentum (theta
 scaled by 1 - eta), norm_eps, compute_dtype, num_layers.
 
+ATLAS options (Behrouz et al., "ATLAS: Learning to Optimally Memorize the Context at Test Time", 2025; the
+math in `memarch.memory.neural`). Keys a config may lack (older configs) take the Titans default:
+- memory_objective_window = c (default 1, Titans): the Omega rule, each update's gradient over the last c
+  tokens' losses weighted by gamma_i = sigmoid(x_i w_gamma + b_gamma) in (0, 1) per head (parameters
+  `w_window_gate [embed, heads]`, `b_window_gate [heads]`, bias 0: gamma starts at 0.5; they exist only for
+  c > 1). A run of similar tokens now adds up to ~c * gamma gradients per token: scale theta_max down.
+- memory_optimizer = "momentum" (default) | "gd" (no momentum: eta unused) | "muon" (Newton-Schulz
+  orthogonalized momentum S_t = eta_t S_{t-1} + g_t, W_t = (1 - alpha_t) W_{t-1} - theta_t NS5(S_t); theta is
+  then a step size of an update with singular values ~1, so memory_ema_momentum does not apply to it; the
+  chunked form runs a scan over each chunk's tokens, slower than the closed form).
+- memory_feature_map = "identity" (default) | "poly_elementwise" | "poly", of degree memory_feature_degree = p
+  (default 2), on keys and queries after their L2 norm, then L2-normalized again (unit keys keep the
+  theta_max guidance above): poly_elementwise is phi(x) = sum_{r=1..p} a_r x^r elementwise with learned
+  per-head coefficients `feature_coeffs [heads, p]` (initialized a_r = 1 / r!), the memory's input size stays
+  head_dim; poly is every monomial of degree <= p scaled as in Based's Taylor map (phi(x).phi(y) =
+  sum_{r<=p} (x.y)^r / r!), input size C(head_dim + p, p) (head_dim 16, p 2: 153; the memory's first
+  layer grows accordingly; memory_residual needs identity or poly_elementwise).
+
 Decoding. The cache is `{"weights", "momentum", "conv_q", "conv_k", "conv_v"}`: the memory state (tuples
 of float32 `[batch, heads, d_in, d_out]`, a fixed size whatever the context) and the short convolutions'
-last inputs. A fresh cache (`init_cache`, which has no parameters) holds zero weights; while
+last inputs; with memory_objective_window c > 1 also `"window"`: the last c - 1 (feature-mapped) keys,
+values and gammas `[batch, c-1, heads, ...]` (with the current token, the c tokens of the next objective). A fresh cache (`init_cache`, which has no parameters) holds zero weights; while
 `cache_index == 0` the layer uses its learned initial weights instead. A call with a cache continues the
 recurrence from the cached state: one token goes through `neural.step` (the exact token recurrence, i.e.
 chunk size 1), several through `neural.chunked_update` with chunks counted from the call's first token.
@@ -61,6 +80,7 @@ state across documents.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -73,6 +93,17 @@ from memarch.layers.short_conv import ShortConv
 from memarch.memory import neural
 
 READ_MODES = ("after", "before", "chunk_start")
+OPTIMIZERS = neural.OPTIMIZERS
+FEATURE_MAPS = ("identity", "poly_elementwise", "poly")
+
+# The ATLAS keys and their defaults (the Titans memory); older configs may lack them.
+ATLAS_DEFAULTS = {"memory_objective_window": 1, "memory_optimizer": "momentum", "memory_feature_map": "identity",
+                  "memory_feature_degree": 2}
+
+
+def atlas_option(config, key: str):
+  """config.model's ATLAS key, or its default (ATLAS_DEFAULTS) when the config has none."""
+  return config.get(key, ATLAS_DEFAULTS[key]) if hasattr(config, "get") else getattr(config, key, ATLAS_DEFAULTS[key])
 
 # Gate bias initialization (see the module docstring): theta, eta, alpha.
 GATE_BIAS_INIT = (0.0, 0.0, -5.0)
@@ -81,9 +112,12 @@ GATE_BIAS_INIT = (0.0, 0.0, -5.0)
 def memory_spec(config) -> neural.MemorySpec:
   """The per-head memory MLP described by the model config."""
   c = config
+  in_dim = 0
+  if atlas_option(c, "memory_feature_map") == "poly":
+    in_dim = neural.poly_feature_size(head_dim(c), int(atlas_option(c, "memory_feature_degree")))
   return neural.MemorySpec(
       dim=head_dim(c), depth=int(c.memory_depth), expansion=int(c.memory_expansion),
-      activation=str(c.memory_activation), residual=bool(c.memory_residual),
+      activation=str(c.memory_activation), residual=bool(c.memory_residual), in_dim=in_dim,
   )
 
 
@@ -111,6 +145,21 @@ def check_config(config) -> None:
   if not c.head_dim and c.embed_dim % c.num_heads:
     raise ValueError(f"model.embed_dim ({c.embed_dim}) must be a multiple of num_heads ({c.num_heads}) "
                      "when head_dim is 0.")
+  window = atlas_option(c, "memory_objective_window")
+  if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    raise ValueError(f"model.memory_objective_window must be an int >= 1 (the Omega rule's window c; 1 is "
+                     f"Titans), got {window!r}.")
+  if atlas_option(c, "memory_optimizer") not in OPTIMIZERS:
+    raise ValueError(f"model.memory_optimizer must be one of {OPTIMIZERS}, got {atlas_option(c, 'memory_optimizer')!r}.")
+  fmap = atlas_option(c, "memory_feature_map")
+  if fmap not in FEATURE_MAPS:
+    raise ValueError(f"model.memory_feature_map must be one of {FEATURE_MAPS}, got {fmap!r}.")
+  degree = atlas_option(c, "memory_feature_degree")
+  if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+    raise ValueError(f"model.memory_feature_degree must be an int >= 1, got {degree!r}.")
+  if fmap == "poly" and c.memory_residual:
+    raise ValueError("model.memory_residual needs keys of the values' size: it does not go with "
+                     "memory_feature_map='poly' (use 'identity' or 'poly_elementwise').")
 
 
 
@@ -160,6 +209,18 @@ class NeuralMemory(nn.Module):
         )
         for i, shape in enumerate(self._memory_shapes())
     ]
+    self.window = int(atlas_option(c, "memory_objective_window"))
+    self.optimizer = str(atlas_option(c, "memory_optimizer"))
+    self.feature_map = str(atlas_option(c, "memory_feature_map"))
+    if self.window > 1:  # the Omega rule's gamma gates (only then: the Titans parameters stay as they were)
+      self.w_window_gate = param_with_axes(self, "w_window_gate", dense_init, (e, h), ("embed", "heads"))
+      self.b_window_gate = param_with_axes(self, "b_window_gate", nn.initializers.zeros, (h,), ("heads",))
+    if self.feature_map == "poly_elementwise":
+      p = int(atlas_option(c, "memory_feature_degree"))
+      self.feature_coeffs = param_with_axes(
+          self, "feature_coeffs",
+          lambda k, s, dt: jnp.broadcast_to(jnp.asarray([1.0 / math.factorial(r) for r in range(1, p + 1)], dt), s),
+          (h, p), ("heads", None))
     self.out_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype), name="out_norm")
     self.w_out_gate = param_with_axes(self, "w_out_gate", dense_init, (e, h, d), ("embed", "heads", "kv"))
     self.wo = param_with_axes(
@@ -183,10 +244,29 @@ class NeuralMemory(nn.Module):
     c = self.config
     return x.reshape(*x.shape[:-1], c.num_heads, head_dim(c))
 
+  def features(self, x):
+    """The feature map of keys and queries `[b, t, h, d]` (L2-normalized) -> `[b, t, h, input_dim]`; the
+    identity (no op) by default."""
+    if self.feature_map == "identity":
+      return x
+    if self.feature_map == "poly":
+      phi = neural.poly_features(x, int(atlas_option(self.config, "memory_feature_degree")))
+    else:
+      phi = neural.elementwise_poly_features(x, self.feature_coeffs)
+    return l2_normalize(phi).astype(x.dtype)
+
   def query(self, x, conv_cache=None):
-    """Memory queries of x `[b, t, e]`: (q `[b, t, h, d]` L2-normalized, new conv cache)."""
+    """Memory queries of x `[b, t, e]`: (q `[b, t, h, input_dim]` L2-normalized (then feature-mapped), new conv
+    cache)."""
     q, cache = self.conv_q(dense(x, self.wq).reshape(*x.shape[:2], -1), conv_cache)
-    return l2_normalize(self._heads(q)), cache
+    return self.features(l2_normalize(self._heads(q))), cache
+
+  def window_gate(self, x):
+    """The Omega rule's gamma `[b, t, h]` float32 in (0, 1) of x `[b, t, e]`; None for window 1."""
+    if self.window == 1:
+      return None
+    z = dense(x, self.w_window_gate).astype(jnp.float32) + self.b_window_gate
+    return jax.nn.sigmoid(z)
 
   def project(self, x, conv_caches=(None, None, None)):
     """Keys, values, queries and gates of x `[b, t, e]` (compute dtype).
@@ -198,13 +278,13 @@ class NeuralMemory(nn.Module):
     q, cq = self.query(x, conv_caches[0])
     k, ck = self.conv_k(dense(x, self.wk).reshape(b, t, -1), conv_caches[1])
     v, cv = self.conv_v(dense(x, self.wv).reshape(b, t, -1), conv_caches[2])
-    k = l2_normalize(self._heads(k))
+    k = self.features(l2_normalize(self._heads(k)))
     v = self._heads(v)
     z = dense(x, self.w_gates).astype(jnp.float32) + self.b_gates  # [b, t, 3, h]
     gates = jax.nn.sigmoid(z)
     eta = gates[:, :, 1]
     theta = c.theta_max * gates[:, :, 0]
-    if c.memory_ema_momentum:
+    if c.memory_ema_momentum and self.optimizer == "momentum":
       # S_t = eta S_{t-1} - (1 - eta) theta' u_t: momentum as an average of past surprise (see the docstring).
       theta = theta * (1 - eta)
     return q, k, v, theta, eta, gates[:, :, 2], (cq, ck, cv)
@@ -214,21 +294,34 @@ class NeuralMemory(nn.Module):
     w = neural.broadcast(tuple(self.memory_init), batch)
     return w, tuple(jnp.zeros_like(x) for x in w)
 
-  def update(self, weights, momentum, q, k, v, theta, eta, alpha, *, single_step: bool = False):
+  def _rule(self, gamma, window_state):
+    """The ATLAS keyword arguments of the memory functions (none for the Titans memory: its code path)."""
+    rule = {}
+    if self.window > 1 or gamma is not None:
+      rule.update(gamma=gamma, window=self.window, window_state=window_state)
+    if self.optimizer != "momentum":
+      rule["optimizer"] = self.optimizer
+    return rule
+
+  def update(self, weights, momentum, q, k, v, theta, eta, alpha, *, single_step: bool = False, gamma=None,
+             window_state=None):
     """Writes k -> v through the memory and reads q: `(reads [b, t, h, d] float32, (weights, momentum))`.
 
     single_step: the exact one-token recurrence (`neural.step`, t must be 1), as in decoding.
+    gamma, window_state: the Omega rule's gates (`window_gate`) and the previous c - 1 tokens (None: none).
     """
     c = self.config
+    rule = self._rule(gamma, window_state)
     if single_step:
       r, state = neural.step(
           weights, momentum, k[:, 0], v[:, 0], q[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0], self.spec,
           read=c.memory_read,  # "chunk_start" on one token reads the weights before it
+          **(dict(rule, gamma=None if gamma is None else gamma[:, 0]) if "gamma" in rule else rule),
       )
       return r[:, None], state
     return neural.chunked_update(
         weights, momentum, k, v, q, theta, eta, alpha, self.spec, chunk_size=c.memory_chunk_size,
-        read=c.memory_read,
+        read=c.memory_read, **rule,
     )
 
   def output(self, reads, gate_input):
@@ -243,17 +336,22 @@ class NeuralMemory(nn.Module):
     x = x.astype(self.dtype)
     b, t, _ = x.shape
     w0, s0 = self.initial_state(b)
+    gamma = self.window_gate(x)
     if cache is None:
       q, k, v, theta, eta, alpha, _ = self.project(x)
-      reads, _ = self.update(w0, s0, q, k, v, theta, eta, alpha)
+      reads, _ = self.update(w0, s0, q, k, v, theta, eta, alpha, gamma=gamma)
       return self.output(reads, x), None
     if cache_index is None:
       raise ValueError("NeuralMemory: a call with a cache needs cache_index (the number of tokens already seen).")
     weights = select_initial(cache["weights"], w0, cache_index)
     q, k, v, theta, eta, alpha, convs = self.project(x, (cache["conv_q"], cache["conv_k"], cache["conv_v"]))
+    window = cache.get("window") if self.window > 1 else None
     reads, (weights, momentum) = self.update(
-        weights, cache["momentum"], q, k, v, theta, eta, alpha, single_step=(t == 1))
+        weights, cache["momentum"], q, k, v, theta, eta, alpha, single_step=(t == 1), gamma=gamma,
+        window_state=window)
     new_cache = {"weights": weights, "momentum": momentum, "conv_q": convs[0], "conv_k": convs[1], "conv_v": convs[2]}
+    if self.window > 1:
+      new_cache["window"] = tuple(w.astype(jnp.float32) for w in neural.next_window(window, k, v, gamma, self.window))
     return self.output(reads, x), new_cache
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
@@ -270,5 +368,9 @@ def memory_cache(config, batch: int) -> dict[str, Any]:
   weights = tuple(jnp.zeros((batch,) + tuple(s.shape), jnp.float32) for s in shapes)
   channels = c.num_heads * head_dim(c)
   conv = ShortConv.empty_cache(batch, c.conv_width, channels, dtype_from_name(c.compute_dtype))
-  return {"weights": weights, "momentum": tuple(jnp.zeros_like(w) for w in weights),
-          "conv_q": conv, "conv_k": conv, "conv_v": conv}
+  cache = {"weights": weights, "momentum": tuple(jnp.zeros_like(w) for w in weights),
+           "conv_q": conv, "conv_k": conv, "conv_v": conv}
+  window = int(atlas_option(c, "memory_objective_window"))
+  if window > 1:
+    cache["window"] = neural.empty_window(batch, c.num_heads, window, spec)
+  return cache

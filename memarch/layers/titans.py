@@ -33,6 +33,10 @@ Fixed-size decoding state (so generation runs over any length):
   the exact recurrence with memory chunk size 1), so it works for any split of the sequence; it equals the
   parallel forward exactly when memory_chunk_size = 1 (see NeuralMemory for why chunks of b > 1 differ).
 
+NeuralMemory's ATLAS options (memory_optimizer, memory_feature_map) apply to MAG and MAC alike; the Omega rule
+(memory_objective_window > 1) to MAG (whose memory is the whole NeuralMemory layer) but not yet to MAC
+(NotImplementedError: its segment scan would have to carry the window).
+
 Config keys (model section), besides NeuralMemory's: num_kv_heads (0: num_heads), rope_base, window
 (WindowAttention and MAG; >= 1), num_persistent (>= 0), segment_len (MAC; >= 1), attention_impl.
 """
@@ -47,7 +51,7 @@ import jax.numpy as jnp
 
 import kernels
 from memarch.layers.common import RMSNorm, apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
-from memarch.layers.neural_memory import NeuralMemory, memory_cache, select_initial
+from memarch.layers.neural_memory import NeuralMemory, atlas_option, memory_cache, select_initial
 from memarch.memory import neural
 
 # Persistent tokens start with unit-variance entries: the scale of the pre-normed tokens they sit beside.
@@ -297,6 +301,16 @@ class _MACCore(nn.Module):
     return new, out
 
 
+def _check_mac_options(c) -> None:
+  """MAC runs the memory's pieces itself; the Omega rule's window would have to travel across its segments."""
+  window = atlas_option(c, "memory_objective_window")
+  if window != 1:
+    raise NotImplementedError(
+        f"model.memory_objective_window={window} with the 'mac' block: MAC carries the memory state across "
+        "segments itself and does not yet carry the Omega rule's window of c - 1 tokens (nor its gates); use the "
+        "'neural_memory' (lmm, atlas) or 'mag' blocks, or window 1. memory_optimizer and memory_feature_map work.")
+
+
 class MemoryAsContext(nn.Module):
   """MAC (see the module docstring). Call: x `[batch, seq, embed]`, positions `[batch, seq]`, segment_ids
   or None, cache (`init_cache`) and cache_index -> `(y [batch, seq, embed], new_cache)`."""
@@ -309,6 +323,7 @@ class MemoryAsContext(nn.Module):
     seg_len = int(c.segment_len)
     if seg_len < 1:
       raise ValueError(f"model.segment_len must be >= 1, got {c.segment_len}.")
+    _check_mac_options(c)
     dtype = dtype_from_name(c.compute_dtype)
     x = x.astype(dtype)
     b, t, e = x.shape
