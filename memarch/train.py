@@ -26,6 +26,7 @@ import optax
 from memarch import checkpoint as ckpt_lib
 from memarch import data as data_lib
 from memarch import sharding as shard_lib
+from memarch import validate
 from memarch.metrics import MetricWriter, Progress, host_rss_mib, release_free_memory
 from memarch.preemption import Preempted, SignalCheckpoint
 from memarch.models import build_model
@@ -262,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   stop_after: end this invocation (with a checkpoint) after that many steps, e.g. to fit a job's time
   limit; running again resumes where it stopped, exactly as if it had not stopped.
   """
+  validate.validate_config(config, jax.device_count())  # every inconsistent value named before any work
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = shard_lib.make_mesh(config.mesh)
