@@ -55,6 +55,14 @@ def validate_passkey(*, vocab_size: int, seq_len: int, key_digits: int, filler: 
     raise ValueError(f"passkey: filler_period must be >= 1, got {filler_period}.")
 
 
+def stack_rows(rows: Sequence[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+  """Examples `{inputs, targets, loss_mask}` of length T stacked into a batch `[len(rows), T]` (empty rows: [0, T])."""
+  if not rows:
+    return {"inputs": np.zeros((0, seq_len), np.int32), "targets": np.zeros((0, seq_len), np.int32),
+            "loss_mask": np.zeros((0, seq_len), np.float32)}
+  return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+
+
 def eval_set_name(seq_len: int) -> str:
   """The name of the eval set of length T: "passkey_T1024"."""
   return f"passkey_T{seq_len}"
@@ -138,11 +146,7 @@ class PasskeySource:
     return {name: ex[name] for name in ("inputs", "targets", "loss_mask")}
 
   def __getitems__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-    rows = [self[int(i)] for i in indices]
-    if not rows:
-      return {"inputs": np.zeros((0, self.seq_len), np.int32), "targets": np.zeros((0, self.seq_len), np.int32),
-              "loss_mask": np.zeros((0, self.seq_len), np.float32)}
-    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+    return stack_rows([self[int(i)] for i in indices], self.seq_len)
 
 
 def passkey_sources(*, seed: int, vocab_size: int, seq_len: int, eval_lengths: Sequence[int], key_digits: int,

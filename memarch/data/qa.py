@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from memarch.data.passkey import stack_rows
 from memarch.data.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -201,8 +202,4 @@ class QaSource:
     return pad_to({k: ex[k] for k in ("inputs", "targets", "loss_mask")}, self.seq_len)
 
   def __getitems__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-    rows = [self[int(i)] for i in indices]
-    if not rows:
-      return {"inputs": np.zeros((0, self.seq_len), np.int32), "targets": np.zeros((0, self.seq_len), np.int32),
-              "loss_mask": np.zeros((0, self.seq_len), np.float32)}
-    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+    return stack_rows([self[int(i)] for i in indices], self.seq_len)
