@@ -44,6 +44,11 @@ Outer gradients: `chunked_update` is a `lax.scan` over chunks whose body is wrap
 reverse-mode autodiff saves only the per-chunk carries (W, S) (n_chunks x weights) and recomputes each chunk's
 internals in the backward pass; no weight matrix per token is ever stored.
 
+ATLAS options (the section "ATLAS options" below): the Omega rule (`window`, `gamma`, `window_state`), the
+optimizers gd | momentum | muon (`optimizer`) and polynomial feature maps of keys and queries
+(`poly_features`, `elementwise_poly_features`, MemorySpec.in_dim). Their defaults are the rule above, run by
+the same code.
+
 Layout: k, v, q `[batch, seq, heads, d]` (any float dtype), gates `[batch, seq, heads]`, weights and momentum
 tuples of `[batch, heads, d_in, d_out]` (layer l maps d_in -> d_out). The math and the state are float32 (float64
 when an input is float64, for finite-difference tests).
@@ -243,6 +248,9 @@ def reference_update(weights, momentum, k, v, q, theta, eta, alpha, spec: Memory
     theta, eta, alpha: `[batch, seq, heads]`, in [0, 1] (theta may exceed 1).
     read: "after" (M_{W_t}(q_t)) or "before" (M_{W_{t-1}}(q_t)); "chunk_start" is only defined for a chunked
       rule (use `minibatch_reference` / `chunked_update`).
+    gamma, window, window_state, optimizer: the ATLAS options (section "ATLAS options"): the Omega rule's
+      gates `[batch, seq, heads]` (None: ones), its window c, the previous c - 1 tokens (None: none), and
+      "gd" | "momentum" | "muon". The defaults are the Titans rule above.
 
   Returns:
     `(reads [batch, seq, heads, dim] float32, (weights_T, momentum_T))`.
@@ -296,7 +304,8 @@ def minibatch_reference(weights, momentum, k, v, q, theta, eta, alpha, spec: Mem
   weights (`jax.grad`, vmapped over the chunk's tokens), then the momentum and forgetting recurrences token by
   token, materializing each token's weights and reading with them. Arguments and outputs as `reference_update`,
   plus `chunk_size`; read in {"after", "before", "chunk_start"}. The tail chunk may be shorter (its missing
-  tokens are skipped, so the state is exact)."""
+  tokens are skipped, so the state is exact). The ATLAS options as `reference_update`: every gradient of a
+  chunk's windows (tokens of earlier chunks included) at the chunk's start weights."""
   _check_inputs(weights, momentum, k, v, q, theta, eta, alpha, spec, read, "minibatch_reference")
   _check_chunk(chunk_size, "minibatch_reference")
   _check_rule(k, v, gamma, window, window_state, optimizer, "minibatch_reference")
@@ -503,6 +512,9 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
     theta, eta, alpha: `[batch, seq, heads]`: learning rate (>= 0), momentum and forgetting gates in [0, 1].
     chunk_size: b, tokens per chunk whose gradients share the chunk's starting weights.
     read: "after" | "before" | "chunk_start" (module docstring).
+    gamma, window, window_state, optimizer: the ATLAS options as `reference_update` (section "ATLAS options":
+      gd and momentum by the closed form widened by the window's band, muon by a scan over each chunk's tokens).
+      The window state after the call is `next_window(window_state, k, v, gamma, window)`.
 
   Returns:
     `(reads [batch, seq, heads, dim] float32, (weights_T, momentum_T))`, the state float32.
@@ -519,27 +531,37 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
   if not _plain(gamma, window, window_state, optimizer):
     return _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, chunk_size, read, gamma,
                                  window, window_state, optimizer)
-  bsz, t, h, _ = k.shape
-  d = v.shape[-1]
   dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha)
   carry = _cast((tuple(weights), tuple(momentum)), dt)
-  if t == 0:
+  if k.shape[1] == 0:
     return jnp.zeros(v.shape, dt), carry
-  b = min(chunk_size, t)
-  n = -(-t // b)
-  total = n * b
-
-  def heads_major(x):  # [B, n*b, H, ...] -> [n, B, H, b, ...]
-    x = _pad_seq(x.astype(dt), total).reshape((bsz, n, b) + x.shape[2:])
-    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
-
+  t, b, n, heads_major = _chunk_layout(k, chunk_size, dt)
   kc, vc, qc, thc, etc, alc = (heads_major(x) for x in (k, v, q, theta, eta, alpha))
   read_co, end_co = _read_and_end_coefficients(thc, etc, alc, read, (t - 1) % b)
   body = jax.checkpoint(lambda c, x: _chunk_step(c, x, spec=spec))
   carry, reads = jax.lax.scan(body, carry, (kc, vc, qc, read_co, end_co))  # reads [n, B, H, b, d]
+  return _seq_major(reads, t), carry
+
+
+def _chunk_layout(k, chunk_size: int, dt):
+  """(t, b, n, heads_major) of a chunked call on k `[B, t, H, .]` (t > 0): chunk size b = min(chunk_size, t),
+  n chunks, and the function that pads `[B, t, H, ...]` to n*b tokens and lays it out `[n, B, H, b, ...]`."""
+  bsz, t = k.shape[:2]
+  b = min(chunk_size, t)
+  n = -(-t // b)
+
+  def heads_major(x):  # [B, n*b, H, ...] -> [n, B, H, b, ...]
+    x = _pad_seq(x.astype(dt), n * b).reshape((bsz, n, b) + x.shape[2:])
+    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+  return t, b, n, heads_major
+
+
+def _seq_major(reads, t: int):
+  """Reads `[n, B, H, b, d]` -> `[B, t, H, d]` (the padding of the tail chunk dropped)."""
+  n, bsz, h, b, d = reads.shape
   reads = jnp.moveaxis(reads, 0, 1)  # [B, n, H, b, d]
-  reads = jnp.swapaxes(reads, 2, 3).reshape(bsz, total, h, d)
-  return reads[:, :t], carry
+  return jnp.swapaxes(reads, 2, 3).reshape(bsz, n * b, h, d)[:, :t]
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -554,6 +576,8 @@ def step(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, rea
     k, v, q: `[batch, heads, dim]`; theta, eta, alpha: `[batch, heads]`.
     read: "after" or "before"; "chunk_start" reads with the weights before this token (a decoding chunk of
       one token: the same as "before").
+    gamma `[batch, heads]` or None, window, window_state, optimizer: the ATLAS options as `reference_update`
+      (the caller advances the window with `next_window`).
 
   Returns:
     `(read [batch, heads, dim] float32, (weights, momentum))`: the state has a fixed size.
@@ -625,7 +649,9 @@ def newton_schulz(x: jax.Array, steps: int = NS_STEPS, eps: float = 1e-7) -> jax
   tall = x.shape[-2] > x.shape[-1]
   if tall:
     x = jnp.swapaxes(x, -1, -2)
-  x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+  # The norm's square root at a floor: a zero matrix (e.g. eta = 0 and no gradient) gets a zero output and a
+  # finite gradient (sqrt'(0) would make it NaN, even through a discarding jnp.where).
+  x = x / (jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=(-2, -1), keepdims=True), 1e-30)) + eps)
   a, b, c = NS_COEFFICIENTS
   for _ in range(steps):
     m = x @ jnp.swapaxes(x, -1, -2)
@@ -853,20 +879,12 @@ def _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, c
                           window_state, optimizer):
   """`chunked_update` with the ATLAS options (section comment): the band-widened closed form for gd and
   momentum, a scan inside each chunk for muon."""
-  bsz, t, h, _ = k.shape
-  d = v.shape[-1]
   dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha, gamma, window_state)
   carry = _cast((tuple(weights), tuple(momentum)), dt)
-  if t == 0:
+  if k.shape[1] == 0:
     return jnp.zeros(v.shape, dt), carry
-  b = min(chunk_size, t)
-  n = -(-t // b)
+  t, b, n, heads_major = _chunk_layout(k, chunk_size, dt)
   total = n * b
-
-  def heads_major(x):  # [B, n*b, H, ...] -> [n, B, H, b, ...]
-    x = _pad_seq(x.astype(dt), total).reshape((bsz, n, b) + x.shape[2:])
-    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
-
   qc, thc, etc, alc = (heads_major(x) for x in (q, theta, eta, alpha))
   if optimizer == "gd":
     etc = jnp.zeros_like(etc)
@@ -889,9 +907,7 @@ def _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, c
     end_co = (be, bse, ee, widen(ce[..., None, :])[..., 0, :], widen(see[..., None, :])[..., 0, :])
     body = jax.checkpoint(lambda c, x: _chunk_step(c, x, spec=spec))
     carry, reads = jax.lax.scan(body, carry, (kx, vx, qc, read_co, end_co))  # reads [n, B, H, b, d]
-  reads = jnp.moveaxis(reads, 0, 1)  # [B, n, H, b, d]
-  reads = jnp.swapaxes(reads, 2, 3).reshape(bsz, total, h, d)
-  return reads[:, :t], carry
+  return _seq_major(reads, t), carry
 
 
 def _atlas_step(weights, momentum, k, v, q, theta, eta, alpha, spec, read, gamma, window, window_state, optimizer):
