@@ -207,12 +207,15 @@ def test_outer_gradients_match_minibatch_reference():
 # ------------------------------------------------------------------------------------------------ decoding
 
 
-@pytest.mark.parametrize("optimizer", ["momentum", "muon"])
-def test_decode_and_split_calls_equal_parallel_forward(optimizer):
-  """Memory level, window 3: `step` token by token, carrying the window state (`next_window`), == the
-  parallel form at chunk 1; two chunked calls split on a chunk boundary with the carried window state == one
-  call (and dropping the window state changes the result: the window crosses the split)."""
-  window = 3
+DECODE_CASES = [("momentum", 4), ("muon", 4)] + [pytest.param(o, c, marks=pytest.mark.slow)
+                                                 for o, c in (("momentum", 2), ("momentum", 16), ("muon", 16))]
+
+
+@pytest.mark.parametrize("optimizer,window", DECODE_CASES)
+def test_decode_and_split_calls_equal_parallel_forward(optimizer, window):
+  """Memory level: `step` token by token, carrying the window state (`next_window`), == the parallel form at
+  chunk 1; two chunked calls split on a chunk boundary with the carried window state == one call (and
+  dropping the window state changes the result: the window crosses the split). Window 16 > T."""
   spec, args, gamma = make(dtype=np.float32)
   w, s, k, v, q, th, et, al = args
   full1 = chunked(*args, spec=spec, chunk_size=1, gamma=gamma, window=window, optimizer=optimizer)

@@ -50,7 +50,7 @@ math in `memarch.memory.neural`). Keys a config may lack (older configs) take th
   tokens' losses weighted by gamma_i = sigmoid(x_i w_gamma + b_gamma) in (0, 1) per head (parameters
   `w_window_gate [embed, heads]`, `b_window_gate [heads]`, bias 0: gamma starts at 0.5; they exist only for
   c > 1). A run of similar tokens now adds up to ~c * gamma gradients per token: scale theta_max down.
-- memory_optimizer = "momentum" (default) | "gd" (no momentum: eta unused) | "muon" (Newton-Schulz
+- memory_optimizer = "momentum" (default) | "gd" (no momentum: eta and memory_ema_momentum unused) | "muon" (Newton-Schulz
   orthogonalized momentum S_t = eta_t S_{t-1} + g_t, W_t = (1 - alpha_t) W_{t-1} - theta_t NS5(S_t); theta is
   then a step size of an update with singular values ~1, so memory_ema_momentum does not apply to it; the
   chunked form runs a scan over each chunk's tokens, slower than the closed form).
