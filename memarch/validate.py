@@ -240,6 +240,10 @@ def check_neural_memory(m: Any, names: Sequence[str], sec: str = "model") -> Non
     neural_memory.check_config(m)
   except ValueError as e:
     raise ValueError(f"config.{sec}.{str(e).removeprefix('model.')}") from None
+  if "mac" in names and m.get("memory_objective_window", 1) != 1:
+    _fail(sec, "memory_objective_window", m.memory_objective_window,
+          "must be 1 with the 'mac' block (MAC does not carry the Omega rule's window across its segments; "
+          "use the 'neural_memory' or 'mag' block for ATLAS-style windows)")
 
 
 def check_decoder(m: Any, sec: str = "model") -> None:

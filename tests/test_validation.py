@@ -31,7 +31,7 @@ SHIPPED = [
     "gated_deltanet:size=small,heads=8", "linear_attention:rule=delta", "linear_attention:rule=simple_gla",
     "based:size=tiny", "based:size=small", "mom:size=tiny", "mom:size=small,memory_rule=simple_gla",
     "mom:size=340m", "titans:variant=mac", "titans:variant=mag", "titans:variant=mal", "titans:variant=lmm",
-    "titans:variant=mac,size=small",
+    "titans:variant=mac,size=small", "titans:variant=atlas",
 ]
 
 
@@ -91,6 +91,8 @@ BAD = {
     "titans_window_zero": ("titans:variant=mag", dict(model__window=0),
                            r"config\.model\.window=0 must be positive for block type\(s\) \['mag'\]"),
     "mac_segment_zero": ("titans:variant=mac", dict(model__segment_len=0), r"config\.model\.segment_len=0 must be positive"),
+    "mac_omega_window": ("titans:variant=mac", dict(model__memory_objective_window=4),
+                         r"config\.model\.memory_objective_window=4 must be 1 with the 'mac' block"),
     "persistent_negative": ("titans:variant=mal", dict(model__num_persistent=-2), r"config\.model\.num_persistent=-2"),
     "scan_chunk_zero": ("gated_deltanet:size=tiny", dict(model__chunk_size=0),
                         r"config\.model\.chunk_size=0 must be positive \(tokens per chunk"),
