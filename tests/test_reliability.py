@@ -88,17 +88,19 @@ def test_signal_checkpoints_at_the_current_step_and_resumes(tmp_path, monkeypatc
 
 @pytest.mark.timeout(240)
 def test_sigkill_then_resume_is_bit_identical_to_a_straight_run(tmp_path):
-  """N steps straight == N/2 steps, SIGKILL at a random later step, resume: parameters and the metrics of
-  every step after the checkpoint are bit-identical (data order included). Also: an unfinished (tmp)
-  checkpoint directory, as a kill during a save leaves, is never taken for a checkpoint."""
-  steps, kill_at = 12, int(np.random.default_rng().integers(7, 11))
+  """A run SIGKILLed at a random step after its first checkpoint, then resumed to N, equals a run trained
+  straight to N: parameters and the metrics of every step after the checkpoint, bit for bit (data order
+  included). Also: an unfinished (tmp) checkpoint directory, as a kill during a save leaves, is never taken
+  for a checkpoint."""
+  every, kill_at = 6, int(np.random.default_rng().integers(7, 11))
   flags = ["--config.model.embed_dim=32", "--config.model.mlp_dim=64", "--config.model.num_layers=1",
            "--config.data.mqar.num_train_examples=512", "--config.data.mqar.num_eval_examples=64",
            "--config.data.mqar.use_tfds=False", "--config.train.batch_size=16", "--config.eval.batch_size=32",
-           f"--config.train.steps={steps}", "--config.train.log_every=1", "--config.train.eval_every=0",
-           f"--config.train.checkpoint_every={steps // 2}", "--config.train.progress=lines",
+           "--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0",
+           f"--config.train.checkpoint_every={every}", "--config.train.progress=lines",
            "--config.train.tensorboard=False", "--config.optim.schedule=constant", "--config.optim.warmup_steps=1"]
   workdir = tmp_path / "killed"
+  ckpt_dir = workdir / "checkpoints"
   # Same XLA options as this process, so that the two runs compile the same programs.
   env = clean_env(XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
   proc = subprocess.Popen(
@@ -107,18 +109,22 @@ def test_sigkill_then_resume_is_bit_identical_to_a_straight_run(tmp_path):
   log = []
   for line in proc.stdout:
     log.append(line)
-    if line.startswith("step") and int(line.split()[1].split("/")[0]) >= kill_at:
+    # Kill once the first checkpoint has finished (saves are asynchronous) and the random step is reached.
+    if (line.startswith("step") and int(line.split()[1].split("/")[0]) >= kill_at
+        and os.path.isdir(ckpt_dir / str(every))):
       proc.kill()  # SIGKILL: no handler, no final save
       break
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, "".join(log)
-  ckpt_dir = workdir / "checkpoints"
+  last = ckpt_lib.Checkpointer(str(ckpt_dir), keep=3).latest_step()
+  assert last is not None and last % every == 0
   # A kill in the middle of a save leaves orbax's tmp directory; fake one at a later step to prove it is ignored.
-  os.makedirs(ckpt_dir / f"{steps}.orbax-checkpoint-tmp" / "state")
-  (ckpt_dir / f"{steps}.orbax-checkpoint-tmp" / "state" / "garbage").write_bytes(b"\0" * 10)
-  assert ckpt_lib.Checkpointer(str(ckpt_dir), keep=3).latest_step() == steps // 2
+  os.makedirs(ckpt_dir / f"{last + every}.orbax-checkpoint-tmp" / "state")
+  (ckpt_dir / f"{last + every}.orbax-checkpoint-tmp" / "state" / "garbage").write_bytes(b"\0" * 10)
+  assert ckpt_lib.Checkpointer(str(ckpt_dir), keep=3).latest_step() == last
 
-  c = config(steps=steps, checkpoint_every=steps // 2, log_every=1)
+  steps = last + every  # N: the resumed run trains from the last finished checkpoint to here
+  c = config(steps=steps, checkpoint_every=every, log_every=1)
   resumed = train_and_evaluate(c, str(workdir))
   straight = train_and_evaluate(c, str(tmp_path / "straight"))
   for a, b in zip(params_of(resumed), params_of(straight)):
@@ -127,10 +133,11 @@ def test_sigkill_then_resume_is_bit_identical_to_a_straight_run(tmp_path):
   def last_train_metrics(path):
     rows = {}
     for m in read_metrics(str(path)):
-      if m["split"] == "train" and m["step"] > steps // 2:
+      if m["split"] == "train" and last < m["step"] <= steps:
         rows[m["step"]] = {k: v for k, v in m.items() if k in ("loss", "accuracy", "grad_norm")}
     return rows
 
+  assert len(last_train_metrics(workdir)) == every
   assert last_train_metrics(workdir) == last_train_metrics(tmp_path / "straight")
   assert resumed.eval_metrics == straight.eval_metrics
 
