@@ -143,13 +143,6 @@ def run_one(config, workdir: str) -> dict[str, Any]:
         done = json.load(f)
       print(f"  {workdir}: {'diverged' if path == diverged else 'finished'} earlier, reusing its result", flush=True)
       return done
-  final = os.path.join(workdir, "final_metrics.json")
-  if os.path.exists(final):  # a run from before per-stage records
-    with open(final) as f:
-      done = json.load(f)
-    if done.get("step") == steps:
-      print(f"  {workdir}: finished earlier, reusing its metrics", flush=True)
-      return done
   from memarch.train import train_and_evaluate  # noqa: PLC0415
 
   try:
