@@ -85,3 +85,18 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
   return out
+
+
+SEQUENCE_AXIS = "sequence"
+
+
+def sequence_axis_size() -> int:
+  """Devices along the `sequence` mesh axis of the mesh in context (`jax.set_mesh`), 1 without one.
+
+  Layers call it at trace time to choose context parallelism (ring attention, sequence-parallel scans,
+  `kernels.sequence_parallel`) when it is > 1, and their single-device code otherwise.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[SEQUENCE_AXIS])
