@@ -29,6 +29,7 @@ import numpy as np
 
 from memarch.data import passkey, synthetic, text, text_tasks, tfds_mqar
 from memarch.data.tokenizer import ByteTokenizer
+from memarch.data.tfds_local import TfdsExampleSource
 
 VALID_NAMES = ('"mqar"', '"text"', '"tfds:<name>"', '"passkey"', '"niah"', '"passkey_text"', '"babilong"')
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -112,23 +113,6 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {name: value[index] for name, value in self.arrays.items()}
-
-
-class TfdsExampleSource:
-  """Adapts a TFDS data source (one dict per example) to a BatchSource (dict of stacked arrays)."""
-
-  def __init__(self, source: Sequence[dict[str, np.ndarray]]):
-    self.source = source
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitems__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-    examples = self.source.__getitems__(list(map(int, indices)))
-    return {name: np.stack([np.asarray(e[name]) for e in examples]) for name in examples[0]}
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {name: np.asarray(value) for name, value in self.source[int(index)].items()}
 
 
 def _mqar_builder_config(c: Any) -> tfds_mqar.MqarBuilderConfig:

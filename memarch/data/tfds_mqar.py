@@ -12,36 +12,21 @@ so the in-memory path (`data.mqar.use_tfds=False`) and this builder serve identi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.core.utils import tqdm_utils
 
-try:
-  import fcntl  # pylint: disable=g-import-not-at-top
-except ImportError:  # not POSIX
-  fcntl = None
-
-from memarch.data import synthetic
+from memarch.data import synthetic, tfds_local
+from memarch.data.tfds_local import default_data_dir  # noqa: F401  (re-exported: pipeline.py uses it)
 
 # Bump when the generator's output changes for the same parameters: old builds are then not reused.
 GENERATOR_VERSION = 1
-
-
-def default_data_dir(tfds_data_dir: str = "") -> str:
-  """Resolves data.tfds_data_dir: "" -> $MEMARCH_TFDS_DIR, else ~/.cache/memarch/tfds."""
-  if tfds_data_dir:
-    return os.path.expanduser(tfds_data_dir)
-  return os.environ.get("MEMARCH_TFDS_DIR") or os.path.expanduser("~/.cache/memarch/tfds")
 
 
 @dataclasses.dataclass(eq=False)
@@ -148,48 +133,9 @@ class MemarchMqar(tfds.core.GeneratorBasedBuilder):
       yield i, {name: value[i] for name, value in arrays.items()}
 
 
-class _DropCustomConfigWarning(logging.Filter):
-  """Drops TFDS' "Using custom data configuration" warning: custom configs are how this builder works."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "Using custom data configuration" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _build_lock(data_dir: str, config_name: str) -> Iterator[None]:
-  """An exclusive file lock per config: processes sharing a data_dir (hosts on one file system, or
-  several processes of one machine) build a dataset once; the others wait and then reuse it."""
-  os.makedirs(data_dir, exist_ok=True)
-  if fcntl is None:  # no POSIX locks (Windows): concurrent first builds are not protected
-    yield
-    return
-  with open(os.path.join(data_dir, f".memarch_mqar_{config_name}.lock"), "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def build_mqar(config: MqarBuilderConfig, data_dir: str) -> MemarchMqar:
   """Prepares the dataset under data_dir (a no-op when it is already there) and returns its builder."""
-  absl_logger = logging.getLogger("absl")
-  quiet = _DropCustomConfigWarning()
-  absl_logger.addFilter(quiet)
-  # A build takes seconds: TFDS' per-split progress bars would only clutter the training output.
-  progress = getattr(tqdm_utils, "_active", True)
-  tqdm_utils.display_progress_bar(False)
-  try:
-    with _build_lock(data_dir, config.name):
-      builder = MemarchMqar(config=config, data_dir=data_dir, file_format="array_record")
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-      )
-  finally:
-    tqdm_utils.display_progress_bar(progress)
-    absl_logger.removeFilter(quiet)
-  return builder
+  return tfds_local.prepare(MemarchMqar, config, data_dir)
 
 
 def mqar_data_sources(config: MqarBuilderConfig, data_dir: str) -> dict[str, Sequence[dict[str, np.ndarray]]]:
