@@ -105,6 +105,10 @@ def _text_task_data(name: str, *, seq_len: int, train_lengths: tuple[int, ...] |
   # Examples are generated on demand from (seed, split, length, depth, index): a large train set costs nothing.
   c.qa.num_train_examples = num_train_examples
   c.qa.num_eval_examples = num_eval_examples  # per eval set
+  # True: build (once) and read a local TFDS array_record dataset of exactly these examples (memarch/data/
+  # tfds_qa.py; it materializes num_train_examples rows: lower it first). False: generate on demand.
+  c.qa.use_tfds = False
+  c.tfds_data_dir = ""  # where that build lives; "" -> ~/.cache/memarch/tfds (or $MEMARCH_TFDS_DIR)
   return _generated_loader(c)
 
 

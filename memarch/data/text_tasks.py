@@ -4,7 +4,8 @@
 `text_task_sources(data_config)` gives the training source (a mixture of `data.qa.train_lengths`, padded to
 data.seq_len) and the eval sources: one per (length, depth) for the needle tasks ("niah_noise_T1024_d50",
 "passkey_text_T1024_d50"), one per length for BABILong ("babilong_qa1_T1024"). Each eval set has its own
-length. Examples are generated on demand (qa.QaSource); there is no TFDS builder for these tasks yet.
+length. Examples are generated on demand (qa.QaSource), or read from the local TFDS build of the same examples
+when `data.qa.use_tfds` is set (memarch/data/tfds_qa.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def validate_text_task(c: Any) -> None:
         raise ValueError(f"config.data.qa.{key} (length {t}): {e}") from None
 
 
+def _check_disk(needed: int, data_dir: str) -> None:
+  import os, shutil  # pylint: disable=g-import-not-at-top,multiple-imports
+  os.makedirs(data_dir, exist_ok=True)
+  free = shutil.disk_usage(data_dir).free
+  if needed > free:
+    raise ValueError(f"data.qa.use_tfds: the build would write about {needed / 2**30:.1f} GiB to {data_dir!r}, "
+                     f"which has {free / 2**30:.1f} GiB free; lower data.qa.num_train_examples or set "
+                     "data.qa.use_tfds=False (examples are then generated on demand).")
+
+
 def task_label(c: Any) -> str:
   """"niah_noise", "passkey_text" or "babilong_qa1": the eval-set prefix of a text task's data section."""
   name = str(c.name)
@@ -68,9 +79,23 @@ def make_source(c: Any, *, lengths, split: str, num_examples: int, depth: float 
                                   split=split, num_facts=int(q.num_facts), haystack_file=str(q.haystack_file))
 
 
-def text_task_sources(c: Any) -> tuple[qa.QaSource, dict[str, qa.QaSource]]:
-  """(training source, {eval set name: source}) of a text task's data section."""
+def text_task_sources(c: Any) -> tuple[Any, dict[str, Any]]:
+  """(training source, {eval set name: source}) of a text task's data section (qa.QaSource, or TFDS-backed
+  sources of the same examples with `data.qa.use_tfds`); each has `seq_len`, its row length."""
   validate_text_task(c)
+  train, evals = _on_demand_sources(c)  # lazy: nothing is generated until an example is read
+  if not bool(c.qa.get("use_tfds", False)):
+    return train, evals
+  from memarch.data import tfds_local, tfds_qa  # pylint: disable=g-import-not-at-top  (tfds_qa imports this module)
+  data_dir = tfds_local.default_data_dir(str(c.get("tfds_data_dir", "")))
+  _check_disk(tfds_qa.estimated_bytes(c), data_dir)
+  built = tfds_qa.qa_data_sources(c, data_dir)
+  for name, source in built.items():
+    source.seq_len = (train if name == "train" else evals[name]).seq_len
+  return built.pop("train"), built
+
+
+def _on_demand_sources(c: Any) -> tuple[qa.QaSource, dict[str, qa.QaSource]]:
   q = c.qa
   lengths = tuple(int(t) for t in q.train_lengths) or (int(c.seq_len),)
   train = make_source(c, lengths=lengths, split="train", num_examples=int(q.num_train_examples))
