@@ -1,4 +1,4 @@
-"""The optim, train, mesh and eval sections, the `:arg` parser, and the assembly of a full config.
+"""The optim, train, mesh, distributed and eval sections, the `:arg` parser, and the assembly of a full config.
 
 Every family's `get_config(arg)` calls `assemble(model=..., data=...)`, which adds these sections and
 locks the result: an override of a key that does not exist is an error that lists the valid keys.
@@ -11,8 +11,10 @@ from typing import Any
 import ml_collections
 
 # Logical axis -> mesh axes. Parameters: `embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`;
-# activations: `act_*`. FSDP shards parameters along `embed`; tensor parallelism splits heads, MLP
-# hidden and vocabulary; the batch spreads over data x fsdp.
+# activations: `act_*`. FSDP shards parameters (and their optimizer moments) along `embed`; tensor
+# parallelism splits heads, MLP hidden and vocabulary; the batch spreads over data x fsdp and its time axis
+# over `sequence` (context parallelism). Recurrent memory states ([batch, heads, ...]) follow act_batch and
+# act_heads. A mesh axis that does not divide a dimension is dropped there (memarch.sharding.fit_spec).
 DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -86,12 +88,33 @@ def train_config(*, steps: int = 1000, batch_size: int = 64) -> ml_collections.C
 
 def mesh_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Devices per mesh axis; one axis may be -1 (all remaining devices).
-  c.data = -1
-  c.fsdp = 1
-  c.tensor = 1
-  c.sequence = 1
-  c.rules = DEFAULT_RULES
+  # Devices per mesh axis; one axis may be -1 (all remaining devices). Their product is the number of devices
+  # over all hosts (jax.device_count()); a mismatch is an error before anything is compiled.
+  c.data = -1  # pure data parallelism: batch rows, parameters replicated
+  c.fsdp = 1  # batch rows too, and parameters + optimizer state sharded (along `embed`)
+  c.tensor = 1  # heads, MLP hidden and vocabulary (Megatron-style tensor parallelism)
+  c.sequence = 1  # the time axis of the batch (context parallelism)
+  c.rules = DEFAULT_RULES  # logical axis -> mesh axes, as ((name, axis or tuple of axes or None), ...)
+  # A parameter whose `embed` dimension cannot be split over fsdp (it has none, or fsdp does not divide it) is
+  # split along its largest dimension that fsdp divides instead (storage only: it is gathered where used).
+  c.fsdp_fallback = True
+  return c
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """Multi-host: `experiments/run.py` calls `jax.distributed.initialize` before any other JAX call when
+  coordinator_address is set, or when the environment names a cluster (JAX's own detection: SLURM, Open MPI,
+  Cloud TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Run the same command on
+  every host; each loads its own rows of every batch."""
+  c = ml_collections.ConfigDict()
+  c.coordinator_address = ""  # "host:port" of process 0 ("": from the environment, or a single process)
+  c.num_processes = 0  # total number of processes (0: from the environment)
+  c.process_id = -1  # this process's index in [0, num_processes) (-1: from the environment)
+  c.local_device_ids = ""  # comma-separated local device ids this process uses ("": all of them)
+  # CPU collectives across processes ("gloo"; "none" keeps jax's default, which cannot run cross-process
+  # computations on CPU). Ignored on TPU and GPU.
+  c.cpu_collectives = "gloo"
+  c.initialization_timeout = 300  # seconds to wait for every process to connect
   return c
 
 
@@ -110,6 +133,7 @@ def assemble(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDic
   config.optim = optim
   config.train = train
   config.mesh = mesh_config()
+  config.distributed = distributed_config()
   config.eval = eval_config()
   config.lock()
   return config
