@@ -84,11 +84,23 @@ def make_manifest(model_config: dict, params) -> dict[str, Any]:
   return json.loads(json.dumps({"model": model_config, "params": param_shapes(params)}))
 
 
+# Model keys added after checkpoints were written, each with the value that reproduces the behaviour of
+# the code before it existed: a checkpoint without the key is compatible with a config holding that value.
+ADDED_MODEL_KEYS = {
+    "memory_objective_window": 1,  # ATLAS' Omega rule; 1 is the Titans update
+    "memory_optimizer": "momentum",
+    "memory_feature_map": "identity",
+    "memory_feature_degree": 2,  # unused with the identity map
+}
+
+
 def manifest_differences(saved: dict, current: dict) -> list[str]:
   """Human-readable differences between a saved manifest and the current one (empty: compatible)."""
   diffs = []
   sm, cm = saved.get("model", {}), current.get("model", {})
   for key in sorted(set(sm) | set(cm)):
+    if key not in sm and key in ADDED_MODEL_KEYS and cm.get(key) == ADDED_MODEL_KEYS[key]:
+      continue
     if sm.get(key) != cm.get(key):
       diffs.append(f"model.{key}: checkpoint has {sm.get(key)!r}, config has {cm.get(key)!r}")
   sp, cp = saved.get("params", {}), current.get("params", {})

@@ -248,3 +248,14 @@ def test_cli_sigterm_exits_with_a_message_and_resumes(tmp_path):
                          capture_output=True, text=True, timeout=120)
   assert again.returncode == 0, again.stdout + again.stderr
   assert f"steps {saved}->{saved + 2}" in again.stdout + again.stderr
+
+
+def test_checkpoint_without_a_later_model_key_is_compatible_only_with_its_old_behaviour():
+  from memarch import checkpoint as ckpt_lib
+
+  old = {"model": {"name": "titans"}, "params": {}}
+  same = {"model": {"name": "titans", "memory_optimizer": "momentum", "memory_objective_window": 1}, "params": {}}
+  assert ckpt_lib.manifest_differences(old, same) == []
+  changed = {"model": {"name": "titans", "memory_optimizer": "muon"}, "params": {}}
+  assert ckpt_lib.manifest_differences(old, changed) == [
+      "model.memory_optimizer: checkpoint has None, config has 'muon'"]
