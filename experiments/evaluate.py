@@ -33,10 +33,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from memarch.data import babilong, niah, passkey, qa, synthetic
+# load_config / load_run live in memarch.train (library code loads trained runs too: memarch.knn).
+from memarch.train import load_config, load_run  # noqa: F401 - part of this module's interface
 
 TASKS = ("mqar", "niah", "passkey", "babilong")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -54,49 +55,6 @@ def parse_lengths(text: str) -> list[int]:
   if not out or min(out) < 1:
     raise ValueError(f"--lengths {text!r}: give positive lengths like 1k,4k,16k.")
   return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading a run
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory (experiments.run).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_run(workdir: str):
-  """(config, model, params, step) of the latest usable checkpoint in `workdir` (parameters only)."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  from memarch import checkpoint as ckpt_lib  # noqa: PLC0415
-  from memarch import data as data_lib  # noqa: PLC0415
-  from memarch.models import build_model  # noqa: PLC0415
-  from memarch.train import resolve_model_config  # noqa: PLC0415
-
-  config = load_config(workdir)
-  model_config = resolve_model_config(config, data_lib.data_info(config.data))
-  model = build_model(model_config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000, async_save=False)
-  errors = []
-  for step in reversed(ckpt.all_steps()):
-    problems = ckpt.problems(step)
-    if problems:
-      errors.append(f"step {step}: " + "; ".join(problems))
-      continue
-    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                            manifest=ocp.args.JsonRestore()))
-    saved = out["manifest"].get("model")
-    if saved is not None:
-      diffs = ckpt_lib.manifest_differences({"model": saved}, {"model": json.loads(json.dumps(model_config.to_dict()))})
-      if diffs:
-        raise ValueError(f"the checkpoint in {workdir} does not match its config.json:\n  " + "\n  ".join(diffs))
-    return config, model, jax.tree.map(jnp.asarray, out["state"]["params"]), step
-  raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints" + (f" (damaged: {errors})" if errors else "")
-                          + ": train the run first.")
 
 
 # ----------------------------------------------------------------------------------------------------

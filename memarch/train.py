@@ -134,18 +134,20 @@ def make_eval_step(model):
   return eval_step
 
 
-def create_train_state(model, optimizer, *, seq_len: int, rng, mesh, rules):
+def create_train_state(model, optimizer, *, seq_len: int, rng, mesh, rules, fsdp_fallback: bool = True):
   """Sharded TrainState created directly in place, and its shardings.
 
-  The abstract (shape-only) init gives the logical axis names of every parameter; optimizer slots that
-  mirror parameters get the parameter's sharding, the rest is replicated.
+  The abstract (shape-only) init gives the logical axis names of every parameter, mapped onto the mesh by
+  `rules` and fitted to each shape (`memarch.sharding.tree_shardings`: an axis that does not divide is left
+  out; with fsdp_fallback a parameter the `embed` rule cannot shard goes over fsdp along another dimension);
+  optimizer slots that mirror parameters get the parameter's sharding, the rest is replicated.
   """
 
   def init_boxed(rng):
     return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
   boxed = jax.eval_shape(init_boxed, rng)
-  param_sh = shard_lib.tree_shardings(boxed, mesh, rules)
+  param_sh = shard_lib.tree_shardings(boxed, mesh, rules, fsdp_fallback=fsdp_fallback)
   abstract_params = nn.meta.unbox(boxed)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -281,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     save_config(config, workdir)
 
   rng = jax.random.key(config.train.seed)
-  state, state_sh = create_train_state(model, optimizer, seq_len=config.data.seq_len, rng=rng, mesh=mesh, rules=rules)
+  state, state_sh = create_train_state(model, optimizer, seq_len=config.data.seq_len, rng=rng, mesh=mesh, rules=rules,
+                                       fsdp_fallback=config.mesh.get("fsdp_fallback", True))
   manifest = ckpt_lib.make_manifest(model_config.to_dict(), state.params)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
@@ -380,3 +383,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, "eval": eval_metrics, "train": train_metrics}, f, indent=2)
   return TrainResult(step=step, eval_metrics=eval_metrics, train_metrics=train_metrics, state=state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a finished run (experiments.evaluate, memarch.knn)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory (experiments.run).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str):
+  """(config, model, params, step) of the latest usable checkpoint in `workdir` (parameters only)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  config = load_config(workdir)
+  model_config = resolve_model_config(config, data_lib.data_info(config.data))
+  model = build_model(model_config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000, async_save=False)
+  errors = []
+  for step in reversed(ckpt.all_steps()):
+    problems = ckpt.problems(step)
+    if problems:
+      errors.append(f"step {step}: " + "; ".join(problems))
+      continue
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                            manifest=ocp.args.JsonRestore()))
+    saved = out["manifest"].get("model")
+    if saved is not None:
+      diffs = ckpt_lib.manifest_differences({"model": saved}, {"model": json.loads(json.dumps(model_config.to_dict()))})
+      if diffs:
+        raise ValueError(f"the checkpoint in {workdir} does not match its config.json:\n  " + "\n  ".join(diffs))
+    return config, model, jax.tree.map(jnp.asarray, out["state"]["params"]), step
+  raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints" + (f" (damaged: {errors})" if errors else "")
+                          + ": train the run first.")

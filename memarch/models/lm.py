@@ -109,28 +109,32 @@ class DecoderLM(nn.Module):
           "Use position_embedding='none' (RoPE only) to run beyond the training length."
       )
 
-  def _stack(self, x, *, positions, segment_ids, caches=None, cache_index=None):
-    """Runs the blocks. Returns (h_final_normed, ffn_input_of_last_mlp, new_caches)."""
+  def _stack(self, x, *, positions, segment_ids, caches=None, cache_index=None, ffn_layer=-1):
+    """Runs the blocks. Returns (h_final_normed, ffn_input of the `ffn_layer`-th "mlp" block, new_caches)."""
     new_caches = []
-    ffn_input = None
+    ffn_inputs = []
     for i, (name, block, norm) in enumerate(zip(self.block_names, self.blocks, self.norms)):
       h = norm(x)
       if name == "mlp":
-        ffn_input = h
+        ffn_inputs.append(h)
       y, cache = block(
           h, positions=positions, segment_ids=segment_ids,
           cache=None if caches is None else caches[i], cache_index=cache_index,
       )
       x = constrain(x + y.astype(x.dtype), ACT)
       new_caches.append(cache)
-    return self.final_norm(x), ffn_input, new_caches
+    if ffn_inputs and not -len(ffn_inputs) <= ffn_layer < len(ffn_inputs):
+      raise ValueError(f"ffn_layer={ffn_layer} names no feed-forward block: the stack has {len(ffn_inputs)} "
+                       f"(valid: {-len(ffn_inputs)}..{len(ffn_inputs) - 1}, -1 is the last).")
+    return self.final_norm(x), (ffn_inputs[ffn_layer] if ffn_inputs else None), new_caches
 
   def _logits(self, h):
     w = self.embedding.T if self.config.tie_embeddings else self.head
     # Logits in float32: the softmax over a large vocabulary is where low precision hurts most.
     return dense(h.astype(jnp.float32), w)
 
-  def __call__(self, tokens, *, inputs_embeds=None, return_hidden=False, segment_ids=None, positions=None):
+  def __call__(self, tokens, *, inputs_embeds=None, return_hidden=False, segment_ids=None, positions=None,
+               ffn_layer: int = -1):
     """Training forward.
 
     Args:
@@ -138,6 +142,8 @@ class DecoderLM(nn.Module):
       inputs_embeds: optional `[batch, seq, embed]`, replaces the token embedding.
       return_hidden: also return `{"hidden": final normed hidden [b, t, e], "ffn_input": normed input of
         the last block's feed-forward layer [b, t, e], None if the stack has no "mlp" block}`.
+      ffn_layer: which feed-forward block's input is "ffn_input": an index into the stack's "mlp" blocks
+        (-1, the default: the last; 0: the first), e.g. MLP Memory's key layer.
       segment_ids: optional `[batch, seq]` packed-document ids (attention does not cross them).
       positions: optional `[batch, seq]` RoPE positions (default 0..seq-1).
     Returns:
@@ -150,7 +156,7 @@ class DecoderLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = constrain(self._embed(tokens, inputs_embeds, positions), ACT)
-    h, ffn_input, _ = self._stack(x, positions=positions, segment_ids=segment_ids)
+    h, ffn_input, _ = self._stack(x, positions=positions, segment_ids=segment_ids, ffn_layer=ffn_layer)
     logits = self._logits(h)
     if return_hidden:
       return logits, {"hidden": h, "ffn_input": ffn_input}
