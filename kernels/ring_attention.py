@@ -142,7 +142,7 @@ def ring_attention_sharded(
   q `[batch, T, heads, d]`, k `[batch, T, kv_heads, d]`, v `[batch, T, kv_heads, dv]`, segment_ids
   `[batch, T]` or None; T must be a multiple of the axis size. Returns o `[batch, T, heads, dv]`.
   """
-  n = _axis_size(mesh, axis_name)
+  n = mesh_axis_size(mesh, axis_name)
   if q.shape[1] % n:
     raise ValueError(f"ring_attention_sharded: sequence length {q.shape[1]} must be a multiple of the "
                      f"'{axis_name}' mesh axis ({n} devices).")
@@ -154,7 +154,7 @@ def ring_attention_sharded(
                        check_vma=False)(*args)
 
 
-def _axis_size(mesh, axis_name: str) -> int:
+def mesh_axis_size(mesh, axis_name: str) -> int:
   """Size of `axis_name` in `mesh` (or in the mesh in context), with a clear error if it has none."""
   m = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   if m is None or m.empty or axis_name not in m.axis_names:

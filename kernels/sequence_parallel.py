@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.linear_scan import _check, linear_scan
-from kernels.ring_attention import _axis_size
+from kernels.ring_attention import mesh_axis_size
 
 _F32 = jnp.float32
 
@@ -149,7 +149,7 @@ def sharded_linear_scan(
   with `jax.set_mesh`) by `jax.shard_map` (manual only over that axis). Same arguments and results as
   `kernels.linear_scan`; the sequence length must be a multiple of the axis size.
   """
-  n = _axis_size(mesh, axis_name)
+  n = mesh_axis_size(mesh, axis_name)
   if q.shape[1] % n:
     raise ValueError(f"sharded_linear_scan: sequence length {q.shape[1]} must be a multiple of the "
                      f"'{axis_name}' mesh axis ({n} devices).")
