@@ -5,7 +5,8 @@ r"""Transformer++ (RoPE, GQA, SwiGLU, RMSNorm, no biases) on multi-query associa
 Sizes (`:size=`): tiny (2 attention-only layers of width 64; trains on a laptop CPU in a couple of minutes:
 MQAR, 64 tokens with 4, 8 and 16 pairs, vocab 256),
 small and base (MQAR with the Zoology vocabulary of 8192). Other `:arg` keys: `task=mqar|text`
-(text: byte-level LM on data.files, e.g. `--config.data.files=../shared/data/tinyshakespeare.txt`).
+(text: byte-level LM on data.files, e.g. `--config.data.files=../shared/data/tinyshakespeare.txt`), `window=N`
+(sliding-window attention over N keys: the sliding-window baseline; 0, the default, is full attention).
 Any value can be overridden, e.g. `--config.train.steps=200 --config.optim.lr=1e-3`.
 """
 
@@ -49,7 +50,7 @@ def model_config(size: str, max_len: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = base.parse_arg(arg, size="tiny", task="mqar")
+  a = base.parse_arg(arg, size="tiny", task="mqar", window=0)
   if a.size not in SIZES:
     raise ValueError(f"unknown size {a.size!r}; choose one of {sorted(SIZES)}.")
   *_, batch, steps, lr, vocab = SIZES[a.size]
@@ -70,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     raise ValueError(f"unknown task {a.task!r}; choose mqar or text.")
   model = model_config(a.size, data.seq_len)
+  model.window = a.window
   optim = base.optim_config(lr=lr, warmup_steps=min(100, steps // 10))
   if a.size == "tiny" and a.task == "mqar":
     # Measured on MQAR (64 tokens; 4, 8, 16 pairs), 2 layers of width 64, seed 0: with SwiGLU blocks and

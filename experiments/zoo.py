@@ -1,9 +1,12 @@
 r"""The model zoo on the memory benchmark suite: every tiny model, trained under one protocol, evaluated, compared.
 
-  python -m experiments.zoo [--tasks mqar256,passkey1k] [--lrs 1e-3,3e-3,1e-2] [--steps 2000] [--lengths 1k,4k,16k]
+  python -m experiments.zoo [--tasks mqar256,passkey1k] [--lrs 1e-3,3e-3,1e-2] [--stages 250,500,1000,2000]
+      [--lengths 1k,4k,16k] [--only transformer,gdn]
 
 For each training task it runs `experiments.sweep` over ZOO (every model, the learning rates, one seed; finished
-runs are reused and unfinished ones resume: the sweep skips what is done), then `experiments.evaluate` on the
+runs are reused and unfinished ones resume: the sweep skips what is done) in runs/sweep_<task>, the directory the
+Titans and MoM results sweeps use with the same protocol (PROTOCOL below, the same labels), so a run trained by
+either is trained once; then `experiments.evaluate` on the
 best learning rate's run of every model (an evaluation already written for that checkpoint step is reused), and
 finally `experiments.compare` over those runs, written to bench_results/zoo_<task>.{md,json,png}. Stopping it
 at any point and running it again continues; the table is rebuilt from whatever runs exist.
@@ -19,9 +22,10 @@ import os
 
 from experiments import compare, evaluate, sweep
 
-# label -> config spec. HMT and ATLAS join when their configs exist.
+# label -> config spec (the labels of the Titans and MoM results sweeps, whose runs the zoo shares).
 ZOO = {
-    "tpp": "configs/transformer.py:size=tiny",
+    "transformer": "configs/transformer.py:size=tiny",
+    "swa": "configs/transformer.py:size=tiny,window=128",
     "gdn": "configs/gated_deltanet.py:size=tiny",
     "based": "configs/based.py:size=tiny",
     "mom": "configs/mom.py:size=tiny",
@@ -30,9 +34,12 @@ ZOO = {
     "mal": "configs/titans.py:variant=mal,size=tiny",
     "lmm": "configs/titans.py:variant=lmm,size=tiny",
     "hmt": "configs/hmt.py:size=tiny",
+    "atlas": "configs/titans.py:variant=atlas,size=tiny",
 }
-# Sliding window: the Transformer++ with a window (a --set would apply it to every model, so it is its own spec
-# once configs/transformer.py takes a window argument).
+# The results protocol (Titans issue): the same data, steps, batch and length for every model, a constant
+# learning rate after a short warmup, one seed.
+PROTOCOL = ["train.batch_size=16", "optim.schedule=constant", "optim.warmup_steps=50", "train.log_every=50",
+            "train.eval_every=0", "train.checkpoint_every=50", "train.seed=0"]
 EVAL_TASKS = {"mqar256": "mqar", "passkey1k": "passkey"}
 
 
@@ -53,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--tasks", default="mqar256,passkey1k")
   p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
-  p.add_argument("--steps", type=int, default=2000)
+  p.add_argument("--stages", default="250,500,1000,2000",
+                 help="training steps at which every model is evaluated (the sweep's --stages); the last is final")
   p.add_argument("--lengths", default="1k,4k,16k")
   p.add_argument("--num_examples", type=int, default=32)
   p.add_argument("--only", default="", help="comma-separated labels of ZOO to run (default: all available)")
@@ -64,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
   for task in [t for t in args.tasks.split(",") if t]:
     if task not in EVAL_TASKS:
       raise ValueError(f"--tasks: {task!r} is not one of {sorted(EVAL_TASKS)}.")
-    summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs,
-                          "--set", f"train.steps={args.steps}", "--set", "optim.schedule=constant",
+    sets = [x for item in PROTOCOL for x in ("--set", item)]
+    summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", args.stages,
+                          "--workdir", os.path.join("runs", f"sweep_{task}"), *sets,
                           "--configs", *[f"{k}={v}" for k, v in models.items()]])
     runs = []
     for m in summary["models"]:
