@@ -130,14 +130,19 @@ def ring_attention_sharded(
     *,
     mesh=None,
     axis_name: str = "sequence",
+    batch_axes=None,
+    head_axes=None,
     causal: bool = True,
     window: int | None = None,
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     impl: str = "auto",
 ) -> jax.Array:
-  """`ring_attention` on global arrays: `jax.shard_map` over `axis_name` of `mesh` (None: the mesh set with
-  `jax.set_mesh`), manual only over that axis (batch and heads stay under the automatic partitioner).
+  """`ring_attention` on global arrays: `jax.shard_map` over `mesh` (None: the mesh set with `jax.set_mesh`),
+  the sequence split over `axis_name`, the batch over `batch_axes` and the heads over `head_axes` (mesh axis
+  names, a tuple of them, or None; they must divide the batch and both q's and k's heads). Manual over every
+  mesh axis, so each device runs the block kernels (Pallas included) on its own block; the axes no spec
+  names hold replicas.
 
   q `[batch, T, heads, d]`, k `[batch, T, kv_heads, d]`, v `[batch, T, kv_heads, dv]`, segment_ids
   `[batch, T]` or None; T must be a multiple of the axis size. Returns o `[batch, T, heads, dv]`.
@@ -146,12 +151,12 @@ def ring_attention_sharded(
   if q.shape[1] % n:
     raise ValueError(f"ring_attention_sharded: sequence length {q.shape[1]} must be a multiple of the "
                      f"'{axis_name}' mesh axis ({n} devices).")
-  seq = P(None, axis_name)
+  qkv = P(batch_axes, axis_name, head_axes, None)
   kw = dict(axis_name=axis_name, causal=causal, window=window, scale=scale, impl=impl)
   args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+  specs = (qkv,) * 3 + (P(batch_axes, axis_name),) * (len(args) - 3)
   fn = lambda q, k, v, s=None: ring_attention(q, k, v, segment_ids=s, **kw)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(seq,) * len(args), out_specs=seq, axis_names={axis_name},
-                       check_vma=False)(*args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
 
 
 def mesh_axis_size(mesh, axis_name: str) -> int:

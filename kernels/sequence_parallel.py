@@ -144,16 +144,21 @@ def sharded_linear_scan(
     impl: str = "auto",
     mesh=None,
     axis_name: str = "sequence",
+    batch_axes=None,
+    head_axes=None,
 ) -> tuple[jax.Array, jax.Array]:
-  """`kernels.linear_scan` on global arrays, the sequence split over `axis_name` of `mesh` (None: the mesh set
-  with `jax.set_mesh`) by `jax.shard_map` (manual only over that axis). Same arguments and results as
-  `kernels.linear_scan`; the sequence length must be a multiple of the axis size.
+  """`kernels.linear_scan` on global arrays by `jax.shard_map` over `mesh` (None: the mesh set with
+  `jax.set_mesh`): the sequence split over `axis_name`, the batch over `batch_axes`, the heads over `head_axes`
+  (mesh axis names, tuples of them or None, dividing those dimensions); manual over every mesh axis (axes no
+  spec names hold replicas). Same arguments and results as `kernels.linear_scan`; the sequence length must be
+  a multiple of the axis size.
   """
   n = mesh_axis_size(mesh, axis_name)
   if q.shape[1] % n:
     raise ValueError(f"sharded_linear_scan: sequence length {q.shape[1]} must be a multiple of the "
                      f"'{axis_name}' mesh axis ({n} devices).")
-  seq, rep = P(None, axis_name), P()
+  seq4, seq3 = P(batch_axes, axis_name, head_axes, None), P(batch_axes, axis_name, head_axes)
+  state = P(batch_axes, head_axes, None, None)
   names = [name for name, x in (("g", g), ("beta", beta), ("initial_state", initial_state)) if x is not None]
   extra = {"g": g, "beta": beta, "initial_state": initial_state}
 
@@ -162,11 +167,12 @@ def sharded_linear_scan(
                                          impl=impl, **dict(zip(names, rest)))
     return o, s[None]
 
-  specs = (seq, seq, seq) + tuple(rep if name == "initial_state" else seq for name in names)
+  specs = (seq4,) * 3 + tuple(state if name == "initial_state" else seq3 for name in names)
   # Each device returns the state after its own slice ([1, ...] stacked to [n, ...]); the last is the final
   # state. (Not a replicated output: its transpose would be taken as n copies of the cotangent.)
-  o, states = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(seq, P(axis_name)),
-                            axis_names={axis_name}, check_vma=False)(q, k, v, *(extra[nm] for nm in names))
+  o, states = jax.shard_map(fn, mesh=mesh, in_specs=specs,
+                            out_specs=(seq4, P(axis_name, batch_axes, head_axes, None, None)),
+                            check_vma=False)(q, k, v, *(extra[nm] for nm in names))
   return o, states[-1]
 
 

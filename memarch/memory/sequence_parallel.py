@@ -139,10 +139,12 @@ def _affine_update(weights, momentum, k, v, q, theta, eta, alpha, spec, axis_nam
 
 def sharded_update(weights, momentum, k, v, q, theta, eta, alpha, spec: neural.MemorySpec, *, chunk_size: int = 16,
                    read: str = "after", gamma=None, window: int = 1, window_state=None, optimizer: str = "momentum",
-                   scheme: str = "auto", mesh=None, axis_name: str = "sequence"):
-  """`sequence_parallel_update` on global arrays: `jax.shard_map` over `axis_name` of `mesh` (None: the mesh
-  set with `jax.set_mesh`), manual only over that axis. Arguments and results as `neural.chunked_update`
-  (without a window state after the call); the sequence must split into slices that are multiples of chunk_size.
+                   scheme: str = "auto", mesh=None, axis_name: str = "sequence", batch_axes=None, head_axes=None):
+  """`sequence_parallel_update` on global arrays: `jax.shard_map` over `mesh` (None: the mesh set with
+  `jax.set_mesh`), the sequence split over `axis_name`, batch and heads over `batch_axes` / `head_axes` (mesh
+  axis names, tuples of them or None, dividing those dimensions), manual over every mesh axis. Arguments and
+  results as `neural.chunked_update` (without a window state after the call); the sequence must split into
+  slices that are multiples of chunk_size.
   """
   n = kernels.mesh_axis_size(mesh, axis_name)
   t = k.shape[1]
@@ -150,7 +152,8 @@ def sharded_update(weights, momentum, k, v, q, theta, eta, alpha, spec: neural.M
     raise ValueError(f"sharded_update: sequence length {t} must be a multiple of the '{axis_name}' mesh axis "
                      f"({n} devices).")
   _check_slice(t // n, chunk_size, "sharded_update")
-  seq, rep = P(None, axis_name), P()
+  seq4, seq3 = P(batch_axes, axis_name, head_axes, None), P(batch_axes, axis_name, head_axes)
+  state, stacked = P(batch_axes, head_axes, None, None), P(axis_name, batch_axes, head_axes, None, None)
 
   def fn(weights, momentum, window_state, k, v, q, theta, eta, alpha, gamma):
     reads, (w, s) = sequence_parallel_update(
@@ -160,7 +163,7 @@ def sharded_update(weights, momentum, k, v, q, theta, eta, alpha, spec: neural.M
 
   # The state after each device's slice comes back stacked [n, ...]; the last one is the final state.
   reads, (w, s) = jax.shard_map(
-      fn, mesh=mesh, in_specs=(rep, rep, rep) + (seq,) * 7, out_specs=(seq, (P(axis_name), P(axis_name))),
-      axis_names={axis_name}, check_vma=False,
+      fn, mesh=mesh, in_specs=(state, state, P(batch_axes, None, head_axes)) + (seq4,) * 3 + (seq3,) * 4,
+      out_specs=(seq4, (stacked, stacked)), check_vma=False,
   )(tuple(weights), tuple(momentum), window_state, k, v, q, theta, eta, alpha, gamma)
   return reads, (tuple(x[-1] for x in w), tuple(x[-1] for x in s))
