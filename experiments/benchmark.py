@@ -13,6 +13,7 @@ BENCHMARKS = {
     "attention": "experiments.benchmarks.attention",
     "scan": "experiments.benchmarks.scan",
     "titans": "experiments.benchmarks.titans",  # one Titans NeuralMemory layer: tokens/s, time vs seq
+    "mlp_memory": "experiments.benchmarks.mlp_memory",  # kNN-LM / MLP Memory / Memory Decoder perplexity + cost
 }
 
 
