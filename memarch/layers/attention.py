@@ -8,8 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import kernels
-from memarch.layers.common import apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
+from memarch import sharding as shard_lib
+from memarch.layers.common import (apply_rope, constrain, dense, dense_init, dtype_from_name, param_with_axes,
+                                   residual_out_init)
+
+HEADS_ACT = ("act_batch", "act_length", "act_heads", None)  # q, k, v, o: [batch, seq, heads, head_dim]
+CACHE_ACT = ("act_batch", None, "act_heads", None)  # the KV cache [batch, max_len, kv_heads, head_dim]
 
 class Attention(nn.Module):
   """Causal multi-head self-attention with RoPE and GQA.
@@ -47,22 +51,23 @@ class Attention(nn.Module):
     )
     x = x.astype(dtype)
     q, k, v = dense(x, wq), dense(x, wk), dense(x, wv)
-    q = apply_rope(q, positions, c.rope_base)
-    k = apply_rope(k, positions, c.rope_base)
+    q = constrain(apply_rope(q, positions, c.rope_base), HEADS_ACT)
+    k = constrain(apply_rope(k, positions, c.rope_base), HEADS_ACT)
+    v = constrain(v, HEADS_ACT)
     window = c.window or None
     if cache is None:
-      o = kernels.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids, impl=c.attention_impl)
+      o = shard_lib.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids, impl=c.attention_impl)
       new_cache = None
     else:
       t = x.shape[1]
       ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       lengths = jnp.full((x.shape[0],), cache_index + t, jnp.int32)
-      o = kernels.attention(
+      o = shard_lib.attention(
           q, ck.astype(dtype), cv.astype(dtype), causal=True, window=window, q_offset=cache_index,
           kv_lengths=lengths, impl=c.attention_impl,
       )
-      new_cache = {"k": ck, "v": cv}
+      new_cache = {"k": constrain(ck, CACHE_ACT), "v": constrain(cv, CACHE_ACT)}
     y = dense(o, wo, contract=2)
     return y, new_cache
 

@@ -14,7 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memarch import sharding
+
 ACT = ("act_batch", "act_length", "act_embed")
+# A recurrent memory state [batch, heads, ...] (linear memory S [b, h, dk, dv], Titans' W and S per MLP layer):
+# rows over the batch axes and heads over tensor, the rest whole on each device.
+STATE_ACT = ("act_batch", "act_heads", None, None)
 
 
 # Projections: truncated normal with fan-in scaling.
@@ -48,8 +53,9 @@ def head_out_param(module: nn.Module, name: str, heads: int, head_dim: int, embe
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None] = ACT) -> jax.Array:
-  """Logical sharding constraint on an activation (a no-op without a mesh and rules in context)."""
-  return nn.with_logical_constraint(x, tuple(axes))
+  """Logical sharding constraint on an activation (a no-op without a multi-device mesh in context), fitted
+  to x's shape: a mesh axis that does not divide its dimension is left out (memarch.sharding.constrain)."""
+  return sharding.constrain(x, axes)
 
 
 def dense(x: jax.Array, w: jax.Array, *, contract: int = 1) -> jax.Array:
@@ -77,10 +83,11 @@ class RMSNorm(nn.Module):
 
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = "embed"  # logical axis of the scale: "embed" on the model width, "kv" on a head's dim
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,))
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     return (y * scale).astype(self.dtype)

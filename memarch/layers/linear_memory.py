@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch.layers.common import (RMSNorm, dense, dense_init, dtype_from_name, head_out_param, l2_normalize,
-                                   param_with_axes)
+from memarch import sharding as shard_lib
+from memarch.layers.common import (STATE_ACT, RMSNorm, constrain, dense, dense_init, dtype_from_name, head_out_param,
+                                   l2_normalize, param_with_axes)
 from memarch.layers.short_conv import ShortConv
 
 MEMORY_RULES = ("linear", "simple_gla", "delta", "gated_delta")
@@ -155,7 +156,7 @@ class LinearMemory(nn.Module):
       self.conv_k = ShortConv(c.conv_width, "silu", "heads")
       self.conv_v = ShortConv(c.conv_width, "silu", "heads")
     self.wg = param_with_axes(self, "wg", dense_init, (e, h, dv), ("embed", "heads", "kv"))
-    self.o_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype))
+    self.o_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype), axis_name="kv")
     self.wo = head_out_param(self, "wo", h, dv, e, c.num_layers)
 
   def features(self, x: jax.Array, cache: dict | None = None) -> tuple[dict[str, jax.Array | None], dict]:
@@ -196,12 +197,12 @@ class LinearMemory(nn.Module):
     if cache is not None and x.shape[1] == 1:
       o, state = kernels.linear_scan_step(f["q"], f["k"], f["v"], cache["state"], g=f["g"], beta=f["beta"])
     else:
-      o, state = kernels.linear_scan(
+      o, state = shard_lib.linear_scan(
           f["q"], f["k"], f["v"], g=f["g"], beta=f["beta"],
           initial_state=None if cache is None else cache["state"], chunk_size=c.chunk_size, impl=c.scan_impl,
       )
     y = self.readout(o, x)
-    return y, (None if cache is None else {"state": state, **convs})
+    return y, (None if cache is None else {"state": constrain(state, STATE_ACT), **convs})
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
     """Zero state `[batch, heads, k_dim, v_dim]` float32 and zero conv caches (compute dtype); max_len is
@@ -282,7 +283,7 @@ class BasedAttention(nn.Module):
     if cache is not None and x.shape[1] == 1:
       o, state = kernels.linear_scan_step(q, k, v1, cache["state"], scale=1.0)
     else:
-      o, state = kernels.linear_scan(
+      o, state = shard_lib.linear_scan(
           q, k, v1, scale=1.0, initial_state=None if cache is None else cache["state"],
           chunk_size=c.chunk_size, impl=c.scan_impl,
       )

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.common import dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
+from memarch.layers.common import constrain, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 
 
 class SwiGLU(nn.Module):
@@ -29,7 +29,7 @@ class SwiGLU(nn.Module):
     w_down = param_with_axes(self, "w_down", residual_out_init(c.num_layers), (c.mlp_dim, e), ("mlp", "embed"))
     x = x.astype(dtype)
     h = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
-    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     return dense(h, w_down), cache
 
   def init_cache(self, batch: int, max_len: int):

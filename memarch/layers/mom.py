@@ -71,9 +71,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import kernels
-from memarch.layers.common import (RMSNorm, dense, dense_init, dtype_from_name, l2_normalize, param_with_axes,
-                                   residual_out_init)
+from memarch import sharding as shard_lib
+from memarch.layers.common import (RMSNorm, constrain, dense, dense_init, dtype_from_name, l2_normalize,
+                                   param_with_axes, residual_out_init)
 from memarch.layers.linear_memory import a_log_init, dt_bias_init, log_decay, rule_flags, write_strength
 from memarch.layers.short_conv import causal_conv
 
@@ -276,7 +276,7 @@ class MixtureOfMemories(nn.Module):
     def fold(x):  # memories into the batch: the scan sees M' * b independent sequences
       return None if x is None else x.reshape(mm * b, *x.shape[2:])
 
-    o, final = kernels.linear_scan(
+    o, final = shard_lib.linear_scan(
         fold(q), fold(k), fold(v), g=fold(g), beta=fold(beta), initial_state=fold(state),
         chunk_size=c.get("chunk_size", 64), impl=c.get("scan_impl", "auto"),
     )
@@ -308,9 +308,10 @@ class MixtureOfMemories(nn.Module):
       per["dt_bias"] = param_with_axes(self, "dt_bias", _per_memory(dt_bias_init), (m, heads), (None, "heads"))
     conv_q = None
     if width > 0:
-      conv_q = param_with_axes(self, "conv_q", _conv_init, (width, heads * dk), (None, None))
-      per["conv_k"] = param_with_axes(self, "conv_k", _conv_init, (m, width, heads * dk), (None, None, None))
-      per["conv_v"] = param_with_axes(self, "conv_v", _conv_init, (m, width, heads * dv), (None, None, None))
+      # Channels are heads * dim, head-major: split over the heads' mesh axes like the projections feeding them.
+      conv_q = param_with_axes(self, "conv_q", _conv_init, (width, heads * dk), (None, "heads"))
+      per["conv_k"] = param_with_axes(self, "conv_k", _conv_init, (m, width, heads * dk), (None, None, "heads"))
+      per["conv_v"] = param_with_axes(self, "conv_v", _conv_init, (m, width, heads * dv), (None, None, "heads"))
     else:
       per["conv_k"] = per["conv_v"] = None
     wg = param_with_axes(self, "wg", dense_init, (e, heads, dv), ("embed", "heads", "kv"))
@@ -366,7 +367,8 @@ class MixtureOfMemories(nn.Module):
     new_cache = None
     if cache is not None:
       finals = [final_r] + ([final_s] if c.shared_memory else [])
-      new_cache = {"state": jnp.concatenate(finals, axis=0)}
+      # [M, b, h, dk, dv]: the memories' states, each along batch and heads.
+      new_cache = {"state": constrain(jnp.concatenate(finals, axis=0), (None, "act_batch", "act_heads", None, None))}
       if width > 0:
         convs = [conv_new_r] + ([conv_new_s] if c.shared_memory else [])
         for i, name in enumerate(("conv_q", "conv_k", "conv_v")):
@@ -378,7 +380,7 @@ class MixtureOfMemories(nn.Module):
         self.sow("metrics", f"mom/load_m{i}", load[i])
       self.sow("metrics", "mom/dropped", plan["dropped"])
 
-    o = RMSNorm(c.norm_eps, dtype=dtype, name="o_norm")(o)
+    o = RMSNorm(c.norm_eps, dtype=dtype, axis_name="kv", name="o_norm")(o)
     o = o * jax.nn.silu(dense(x, wg))
     return dense(o.astype(dtype), wo, contract=2), new_cache
 

@@ -87,8 +87,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch.layers.common import (RMSNorm, dense, dense_init, dtype_from_name, l2_normalize, param_with_axes,
-                                   residual_out_init)
+from memarch.layers.common import (STATE_ACT, RMSNorm, constrain, dense, dense_init, dtype_from_name,
+                                   l2_normalize, param_with_axes, residual_out_init)
 from memarch.layers.short_conv import ShortConv
 from memarch.memory import neural
 
@@ -192,9 +192,9 @@ class NeuralMemory(nn.Module):
     self.wq = param_with_axes(self, "wq", dense_init, (e, h, d), ("embed", "heads", "kv"))
     self.wk = param_with_axes(self, "wk", dense_init, (e, h, d), ("embed", "heads", "kv"))
     self.wv = param_with_axes(self, "wv", dense_init, (e, h, d), ("embed", "heads", "kv"))
-    self.conv_q = ShortConv(c.conv_width, "silu", name="conv_q")
-    self.conv_k = ShortConv(c.conv_width, "silu", name="conv_k")
-    self.conv_v = ShortConv(c.conv_width, "silu", name="conv_v")
+    self.conv_q = ShortConv(c.conv_width, "silu", "heads", name="conv_q")  # channels heads * d, head-major
+    self.conv_k = ShortConv(c.conv_width, "silu", "heads", name="conv_k")
+    self.conv_v = ShortConv(c.conv_width, "silu", "heads", name="conv_v")
     # theta, eta, alpha logits: one [embed, 3, heads] projection (one matmul) plus per-head biases.
     self.w_gates = param_with_axes(self, "w_gates", dense_init, (e, 3, h), ("embed", None, "heads"))
     self.b_gates = param_with_axes(
@@ -221,7 +221,7 @@ class NeuralMemory(nn.Module):
           self, "feature_coeffs",
           lambda k, s, dt: jnp.broadcast_to(jnp.asarray([1.0 / math.factorial(r) for r in range(1, p + 1)], dt), s),
           (h, p), ("heads", None))
-    self.out_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype), name="out_norm")
+    self.out_norm = RMSNorm(c.norm_eps, dtype_from_name(c.compute_dtype), axis_name="kv", name="out_norm")
     self.w_out_gate = param_with_axes(self, "w_out_gate", dense_init, (e, h, d), ("embed", "heads", "kv"))
     self.wo = param_with_axes(
         self, "wo", lambda k, s, dt: residual_out_init(c.num_layers)(k, (h * d, e), dt).reshape(s),
@@ -291,7 +291,7 @@ class NeuralMemory(nn.Module):
 
   def initial_state(self, batch: int):
     """(W_0 broadcast to `[batch, heads, d_in, d_out]` float32, zero momentum)."""
-    w = neural.broadcast(tuple(self.memory_init), batch)
+    w = tuple(constrain(x, STATE_ACT) for x in neural.broadcast(tuple(self.memory_init), batch))
     return w, tuple(jnp.zeros_like(x) for x in w)
 
   def _rule(self, gamma, window_state):
@@ -318,11 +318,14 @@ class NeuralMemory(nn.Module):
           read=c.memory_read,  # "chunk_start" on one token reads the weights before it
           **(dict(rule, gamma=None if gamma is None else gamma[:, 0]) if "gamma" in rule else rule),
       )
-      return r[:, None], state
-    return neural.chunked_update(
-        weights, momentum, k, v, q, theta, eta, alpha, self.spec, chunk_size=c.memory_chunk_size,
-        read=c.memory_read, **rule,
-    )
+      r = r[:, None]
+    else:
+      r, state = neural.chunked_update(
+          weights, momentum, k, v, q, theta, eta, alpha, self.spec, chunk_size=c.memory_chunk_size,
+          read=c.memory_read, **rule,
+      )
+    # (weights, momentum): tuples of [b, h, d_in, d_out] per MLP layer, along batch and heads.
+    return r, jax.tree.map(lambda s: constrain(s, STATE_ACT) if s.ndim == 4 else s, state)
 
   def output(self, reads, gate_input):
     """`W_o [RMSNorm(reads) * SiLU(gate_input W_g)]`: reads `[b, t, h, d]`, gate_input `[b, t, e]` -> `[b, t, e]`."""

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from memarch import sharding as shard_lib
 from memarch.layers.common import RMSNorm, apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 from memarch.layers.neural_memory import NeuralMemory, atlas_option, memory_cache, select_initial
 from memarch.memory import neural
@@ -128,8 +129,8 @@ class WindowAttention(nn.Module):
     prefix = _persistent_kv(p, b, dtype)
     if cache is None:
       ks, vs, n_p = _with_prefix(prefix, k, v)
-      o = kernels.attention(q, ks, vs, causal=True, window=window, num_prefix=n_p, segment_ids=segment_ids,
-                            impl=c.attention_impl)
+      o = shard_lib.attention(q, ks, vs, causal=True, window=window, num_prefix=n_p, segment_ids=segment_ids,
+                              impl=c.attention_impl)
       new_cache = None
     else:
       if cache_index is None:
@@ -140,7 +141,7 @@ class WindowAttention(nn.Module):
       # Cached slots before position 0 (the start of generation) hold nothing: a different segment id.
       kv_seg = jnp.where(k_offset + jnp.arange(window + t) >= 0, 0, 1).astype(jnp.int32)
       ks, vs, n_p = _with_prefix(prefix, kw, vw)
-      o = kernels.attention(
+      o = shard_lib.attention(
           q, ks, vs, causal=True, window=window, num_prefix=n_p, q_offset=cache_index, k_offset=k_offset,
           segment_ids=(jnp.zeros((b, t), jnp.int32), jnp.broadcast_to(kv_seg, (b, window + t))),
           impl=c.attention_impl,
@@ -248,8 +249,8 @@ class _MACCore(nn.Module):
                   impl=c.attention_impl)
     len_h = None if kv_len is None else jnp.full((b,), n_p + kv_len, jnp.int32)
     len_x = None if kv_len is None else jnp.full((b,), kv_len, jnp.int32)
-    oh = kernels.attention(q, ks, vs, num_prefix=n_p, kv_lengths=len_h, **common)
-    ox = kernels.attention(q, kx, vx, kv_lengths=len_x, **common)
+    oh = shard_lib.attention(q, ks, vs, num_prefix=n_p, kv_lengths=len_h, **common)
+    ox = shard_lib.attention(q, kx, vx, kv_lengths=len_x, **common)
     o, _ = kernels.merge_attention(oh, ox)
     return dense(o, self.attn["wo"], contract=2)
 

@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from memarch.layers.common import constrain
+
 RECALL_QUERIES = ("previous", "prefix")
 # Parameters that only stage 2 uses: a stage-1 checkpoint does not train them, so they keep their fresh init.
 RECALL_PARAMS = ("query_token", "recall_wq", "recall_wk")
@@ -364,7 +366,11 @@ def _stream_token(core: HMTCore, cache, token):
   emb = core.embed(token[:, None])
   logits, bb = core.backbone.prefill(None, cache["backbone"], inputs_embeds=emb)
   seg = jax.lax.dynamic_update_slice(cache["seg"], emb, (0, cache["pos"], 0))
-  return {**cache, "backbone": bb, "seg": seg, "pos": cache["pos"] + 1}, logits[:, -1]
+  # HMT's own state (segment embeddings [b, L, E], m_{n-1} [b, E], the memory cache [b, N, E]) along the batch.
+  state = {name: constrain(cache[name], ("act_batch",) + (None,) * (cache[name].ndim - 1)) for name in
+           ("prev", "memory", "cache")}
+  return {**cache, **state, "backbone": bb, "seg": constrain(seg, ("act_batch", None, None)),
+          "pos": cache["pos"] + 1}, logits[:, -1]
 
 
 def load_stage1_params(workdir: str, params):
