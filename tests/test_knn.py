@@ -112,6 +112,18 @@ def test_float16_keys_and_batched_search():
   check_against(dist, idx, q, keys, 6, exclude=np.arange(70))
 
 
+def test_approx_option_runs():
+  """approx=True (lax.approx_max_k; TPU's fast path) is exact top-k on CPU: the same distances."""
+  rng = np.random.default_rng(7)
+  keys = rng.normal(size=(600, 8)).astype(np.float32)
+  q = rng.normal(size=(9, 8)).astype(np.float32)
+  d_ex, _ = search.knn_search(q, keys, 5, block_size=128)
+  d_ap, i_ap = search.knn_search(q, keys, 5, block_size=128, approx=True)
+  np.testing.assert_allclose(np.asarray(d_ap), np.asarray(d_ex), rtol=1e-5, atol=1e-5)
+  true = ((q[:, None] - keys[np.asarray(i_ap)]) ** 2).sum(-1)
+  np.testing.assert_allclose(np.asarray(d_ap), true, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_arguments():
   keys = np.zeros((10, 4), np.float32)
   with pytest.raises(ValueError, match="k=11"):

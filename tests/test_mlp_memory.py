@@ -83,7 +83,7 @@ def pipeline_run(tmp_path_factory):
   base.model.embed_dim, base.model.num_layers, base.model.mlp_dim = 32, 1, 64
   base.model.num_heads, base.model.num_kv_heads = 2, 1
   base.model.max_len = base.data.seq_len = 32
-  base.train.steps, base.train.batch_size, base.train.eval_every, base.train.checkpoint_every = 20, 8, 0, 0
+  base.train.steps, base.train.batch_size, base.train.eval_every, base.train.checkpoint_every = 8, 8, 0, 0
   base.train.progress, base.train.tensorboard, base.train.handle_signals = "none", False, False
   base.data.read_threads, base.data.prefetch_batches = 1, 1
   base.eval.batch_size, base.eval.max_batches = 8, 1
@@ -98,8 +98,8 @@ def pipeline_run(tmp_path_factory):
     c.mlp.width, c.mlp.depth = 32, 2
     c.decoder.embed_dim, c.decoder.num_layers, c.decoder.mlp_dim, c.decoder.num_heads = 32, 1, 64, 2
     c.decoder.num_kv_heads = 1
-    c.memory_train.steps, c.memory_train.batch_size, c.memory_train.log_every = 150, 256, 50
-    c.memory_train.checkpoint_every, c.memory_train.eval_batch_size = 100, 512
+    c.memory_train.steps, c.memory_train.batch_size, c.memory_train.log_every = 80, 256, 40
+    c.memory_train.checkpoint_every, c.memory_train.eval_batch_size = 50, 512
     c.optim.lr, c.optim.warmup_steps = 3e-3, 10
     return c
 
@@ -109,7 +109,7 @@ def pipeline_run(tmp_path_factory):
   out["targets"] = pipeline.run_stage(config("targets"), work)
   out["mlp"] = pipeline.run_stage(config("train", "mlp"), work)
   dec = config("train", "decoder")
-  dec.memory_train.steps = 20
+  dec.memory_train.steps = 4
   out["decoder"] = pipeline.run_stage(dec, work)
   out["eval"] = pipeline.run_stage(config("eval"), work)
   return out
@@ -127,6 +127,9 @@ def test_pipeline_end_to_end(pipeline_run):
 
   train, _ = corpus_streams(ds.manifest["corpus"], 0.1)
   np.testing.assert_array_equal(ds.values, train[1:ds.manifest["size"] + 1])
+  hk, hv = ds.head(2000)  # spans the first shards (50 rows x 32 = 1600 entries each)
+  np.testing.assert_array_equal(hk, ds.keys[:2000])
+  np.testing.assert_array_equal(hv, ds.values[:2000])
   tr = np.load(os.path.join(work, "targets", "train.npz"))
   assert tr["dist"].shape == (1024, 8)
   assert not (tr["idx"] == np.arange(1024)[:, None]).any()  # leave-one-out
@@ -139,7 +142,7 @@ def test_pipeline_end_to_end(pipeline_run):
   res = r["eval"]
   assert res["val_tokens"] == 320
   for name in ("knn_lm", "memory_mlp", "memory_decoder"):
-    assert res[name]["perplexity"] <= res["base"]["perplexity"] + 1e-6  # lambda = 0 is in the grid
+    assert res[name]["perplexity"] <= res["base"]["perplexity"] * (1 + 1e-5)  # lambda = 0 is in the grid
     assert res[name]["lambda"] in res["lambdas"]
   with open(os.path.join(work, "eval", "results.json")) as f:
     assert json.load(f)["base"]["perplexity"] == res["base"]["perplexity"]
@@ -166,7 +169,7 @@ def test_restart_and_resume(pipeline_run):
     pipeline.run_stage(c, work)
   # a finished training run resumes at its last step (nothing to do)
   s = pipeline.run_stage(config("train", "mlp"), work)
-  assert s["steps"] == 150
+  assert s["steps"] == 80
 
 
 def test_missing_previous_stage_is_a_clear_error(tmp_path, pipeline_run):

@@ -12,12 +12,11 @@ On disk (`<dir>/`): `keys_00000.npy` [rows, d], `values_00000.npy` [rows] int32,
 `shard_rows * T` entries; `shard_00000.json` records a finished shard's file sizes and CRC32s (written last, so a
 shard without it, or whose files no longer match it, is rebuilt on the next run: the build is restartable);
 `datastore.json` (the manifest) records size, dim, dtypes, corpus, split, base workdir and checkpoint step,
-key layer and the shard list. `Datastore.open(dir)` memory-maps the shards.
+key layer and the shard list. `Datastore.open(dir)` memory-maps the shards (`head(n)` reads only the first n).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -162,13 +161,17 @@ def build_datastore(model, params, out_dir: str, *, files: str, val_fraction: fl
   return manifest
 
 
-@dataclasses.dataclass
 class Datastore:
-  """A datastore on disk, memory-mapped: `keys` [size, dim] (float32 or float16), `values` [size] int32."""
+  """A finished datastore on disk, its shards memory-mapped (nothing is read until it is used).
 
-  manifest: dict[str, Any]
-  keys: np.ndarray
-  values: np.ndarray
+  `manifest`: the datastore.json dict. `shard_keys` / `shard_values`: per-shard memmaps ([count, dim] float32 or
+  float16, [count] int32). `head(n)` reads the first n entries (only the shards they fall in); `keys` and
+  `values` are the whole arrays (the memmap itself for one shard, else read into memory once).
+  """
+
+  def __init__(self, manifest: dict[str, Any], shard_keys: list[np.ndarray], shard_values: list[np.ndarray]):
+    self.manifest, self.shard_keys, self.shard_values = manifest, shard_keys, shard_values
+    self._keys = self._values = None
 
   @classmethod
   def open(cls, directory: str, *, check: bool = True) -> "Datastore":
@@ -186,9 +189,39 @@ class Datastore:
                          "again to rebuild it.")
       keys.append(np.load(os.path.join(directory, s["keys"]), mmap_mode="r"))
       values.append(np.load(os.path.join(directory, s["values"]), mmap_mode="r"))
-    k = keys[0] if len(keys) == 1 else np.concatenate(keys)  # one shard stays a memmap
-    v = values[0] if len(values) == 1 else np.concatenate(values)
-    if k.shape != (manifest["size"], manifest["dim"]) or v.shape != (manifest["size"],):
-      raise ValueError(f"the datastore in {directory} holds keys {k.shape} and values {v.shape}; its manifest says "
-                       f"size {manifest['size']}, dim {manifest['dim']}.")
-    return cls(manifest, k, v)
+      if keys[-1].shape != (s["count"], manifest["dim"]) or values[-1].shape != (s["count"],):
+        raise ValueError(f"datastore shard {i} in {directory} holds keys {keys[-1].shape} and values "
+                         f"{values[-1].shape}; its manifest says {s['count']} entries of dim {manifest['dim']}.")
+    return cls(manifest, keys, values)
+
+  @property
+  def size(self) -> int:
+    return int(self.manifest["size"])
+
+  def head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [n, dim], values [n]) of the first n entries, reading only the shards they fall in."""
+    if not 0 <= n <= self.size:
+      raise ValueError(f"the datastore has {self.size} entries; {n} were asked for.")
+    keys, values, got = [], [], 0
+    for k, v in zip(self.shard_keys, self.shard_values):
+      if got >= n:
+        break
+      take = min(len(k), n - got)
+      keys.append(np.asarray(k[:take]))
+      values.append(np.asarray(v[:take]))
+      got += take
+    if not keys:
+      return np.zeros((0, self.manifest["dim"]), self.shard_keys[0].dtype), np.zeros((0,), np.int32)
+    return np.concatenate(keys), np.concatenate(values)
+
+  @property
+  def keys(self) -> np.ndarray:
+    if self._keys is None:
+      self._keys = self.shard_keys[0] if len(self.shard_keys) == 1 else np.concatenate(self.shard_keys)
+    return self._keys
+
+  @property
+  def values(self) -> np.ndarray:
+    if self._values is None:
+      self._values = self.shard_values[0] if len(self.shard_values) == 1 else np.concatenate(self.shard_values)
+    return self._values

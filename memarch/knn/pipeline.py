@@ -160,7 +160,7 @@ def stage_targets(config, workdir: str) -> dict[str, Any]:
   if not os.path.exists(path):
     n = _tokens(int(kc.train_tokens), ds.manifest["size"], seq_len)
     t0 = time.time()
-    dist, idx = search.knn_search_batched(ds.keys[:n], keys, exclude=np.arange(n, dtype=np.int32),
+    dist, idx = search.knn_search_batched(ds.head(n)[0], keys, exclude=np.arange(n, dtype=np.int32),
                                           desc="kNN targets (train)", **common)
     timings["train_search_seconds"] = time.time() - t0
     _save_npz(path, dist=dist, idx=idx, nbr_values=values[idx], next_tokens=values[:n])
@@ -225,7 +225,7 @@ class _MemoryData:
     n, nv = len(self.train["next"]), len(self.val["next"])
     if memory == "mlp":
       ds = Datastore.open(os.path.join(workdir, "datastore"), check=False)
-      self.train["x"] = np.asarray(ds.keys[:n], np.float32)
+      self.train["x"] = ds.head(n)[0].astype(np.float32)
       self.val["x"] = va["keys"]
       self.key_dim = int(ds.manifest["dim"])
     else:
