@@ -8,12 +8,14 @@ sharded programs contain); the assertions live in the test. Cases:
   scan    kernels.sharded_linear_scan vs kernels.linear_scan(impl="reference"): o, final state and gradients
   memory  memory.sequence_parallel.sharded_update vs neural.chunked_update: reads, (W, S) and gradients
   models  DecoderLM forward (and gradients) on a mesh with a sequence axis vs the same parameters on one device
+  multi   several of the above in one process: {"ring": {...}, "scan": {...}}
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -167,8 +169,7 @@ def case_models(args):
     model_config = train_lib.resolve_model_config(c, data_lib.data_info(c.data))
     model = build_model(model_config)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, model_config.vocab_size, (2, t)), jnp.int32)
-    params = model.init(jax.random.key(0), tokens)["params"]
-    params = nn.meta.unbox(params)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
     fwd = lambda p, x: model.apply({"params": p}, x)
     loss = lambda p, x: jnp.mean(jax.nn.log_softmax(fwd(p, x).astype(jnp.float32))[..., 0])
     ref_logits = jax.jit(fwd)(params, tokens)
@@ -187,7 +188,17 @@ def case_models(args):
   return out
 
 
-CASES = {"ring": case_ring, "scan": case_scan, "memory": case_memory, "models": case_models}
+def case_multi(args):
+  """Several cases in one process (one interpreter and JAX start-up): {"case": args, ...} -> {"case": result}."""
+  out = {}
+  for name, case_args in args.items():
+    start = time.perf_counter()
+    out[name] = CASES[name](case_args)
+    out[name]["seconds"] = time.perf_counter() - start
+  return out
+
+
+CASES = {"ring": case_ring, "scan": case_scan, "memory": case_memory, "models": case_models, "multi": case_multi}
 
 if __name__ == "__main__":
   result = CASES[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

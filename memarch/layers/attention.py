@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memarch import context_parallel
 from memarch import sharding as shard_lib
 from memarch.layers.common import (apply_rope, constrain, dense, dense_init, dtype_from_name, param_with_axes,
                                    residual_out_init)
@@ -56,7 +57,9 @@ class Attention(nn.Module):
     v = constrain(v, HEADS_ACT)
     window = c.window or None
     if cache is None:
-      o = shard_lib.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids, impl=c.attention_impl)
+      # Ring attention when a `sequence` mesh axis splits the sequence (memarch.context_parallel).
+      o = context_parallel.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids,
+                                     impl=c.attention_impl)
       new_cache = None
     else:
       t = x.shape[1]

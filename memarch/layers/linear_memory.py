@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from memarch import sharding as shard_lib
+from memarch import context_parallel
 from memarch.layers.common import (STATE_ACT, RMSNorm, constrain, dense, dense_init, dtype_from_name, head_out_param,
                                    l2_normalize, param_with_axes)
 from memarch.layers.short_conv import ShortConv
@@ -197,7 +197,7 @@ class LinearMemory(nn.Module):
     if cache is not None and x.shape[1] == 1:
       o, state = kernels.linear_scan_step(f["q"], f["k"], f["v"], cache["state"], g=f["g"], beta=f["beta"])
     else:
-      o, state = shard_lib.linear_scan(
+      o, state = context_parallel.linear_scan(  # sequence-parallel over a `sequence` mesh axis
           f["q"], f["k"], f["v"], g=f["g"], beta=f["beta"],
           initial_state=None if cache is None else cache["state"], chunk_size=c.chunk_size, impl=c.scan_impl,
       )
@@ -283,7 +283,7 @@ class BasedAttention(nn.Module):
     if cache is not None and x.shape[1] == 1:
       o, state = kernels.linear_scan_step(q, k, v1, cache["state"], scale=1.0)
     else:
-      o, state = shard_lib.linear_scan(
+      o, state = context_parallel.linear_scan(  # sequence-parallel over a `sequence` mesh axis
           q, k, v1, scale=1.0, initial_state=None if cache is None else cache["state"],
           chunk_size=c.chunk_size, impl=c.scan_impl,
       )

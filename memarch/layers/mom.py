@@ -71,7 +71,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memarch import sharding as shard_lib
+from memarch import context_parallel
 from memarch.layers.common import (RMSNorm, constrain, dense, dense_init, dtype_from_name, l2_normalize,
                                    param_with_axes, residual_out_init)
 from memarch.layers.linear_memory import a_log_init, dt_bias_init, log_decay, rule_flags, write_strength
@@ -276,7 +276,7 @@ class MixtureOfMemories(nn.Module):
     def fold(x):  # memories into the batch: the scan sees M' * b independent sequences
       return None if x is None else x.reshape(mm * b, *x.shape[2:])
 
-    o, final = shard_lib.linear_scan(
+    o, final = context_parallel.linear_scan(  # sequence-parallel over a `sequence` mesh axis
         fold(q), fold(k), fold(v), g=fold(g), beta=fold(beta), initial_state=fold(state),
         chunk_size=c.get("chunk_size", 64), impl=c.get("scan_impl", "auto"),
     )

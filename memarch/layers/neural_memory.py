@@ -87,6 +87,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memarch import context_parallel
 from memarch.layers.common import (STATE_ACT, RMSNorm, constrain, dense, dense_init, dtype_from_name,
                                    l2_normalize, param_with_axes, residual_out_init)
 from memarch.layers.short_conv import ShortConv
@@ -320,7 +321,8 @@ class NeuralMemory(nn.Module):
       )
       r = r[:, None]
     else:
-      r, state = neural.chunked_update(
+      # Split over a `sequence` mesh axis when there is one (memarch.context_parallel), else chunked_update.
+      r, state = context_parallel.memory_update(
           weights, momentum, k, v, q, theta, eta, alpha, self.spec, chunk_size=c.memory_chunk_size,
           read=c.memory_read, **rule,
       )

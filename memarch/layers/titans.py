@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from memarch import context_parallel
 from memarch import sharding as shard_lib
 from memarch.layers.common import RMSNorm, apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 from memarch.layers.neural_memory import NeuralMemory, atlas_option, memory_cache, select_initial
@@ -129,8 +130,8 @@ class WindowAttention(nn.Module):
     prefix = _persistent_kv(p, b, dtype)
     if cache is None:
       ks, vs, n_p = _with_prefix(prefix, k, v)
-      o = shard_lib.attention(q, ks, vs, causal=True, window=window, num_prefix=n_p, segment_ids=segment_ids,
-                              impl=c.attention_impl)
+      o = context_parallel.attention(q, ks, vs, causal=True, window=window, num_prefix=n_p,
+                                     segment_ids=segment_ids, impl=c.attention_impl)
       new_cache = None
     else:
       if cache_index is None:
