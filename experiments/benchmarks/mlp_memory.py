@@ -128,19 +128,21 @@ def time_inference(args, n_queries: int = 256) -> dict:
   q = jnp.asarray(va["keys"][:n_queries])
   keys = jnp.asarray(np.asarray(ds.keys), jnp.float32)
   values = jnp.asarray(np.asarray(ds.values))
-  padded, sq = search._pad_keys(keys, int(c.knn.block_size))
+  padded, sq, block = search.prepare_keys(keys, int(c.knn.block_size))
   vocab = int(json.load(open(os.path.join(work, "memory_mlp", "model_config.json")))["vocab_size"])
-  k, block, temp = int(c.knn.k), int(c.knn.block_size), float(c.knn.temperature)
+  k, temp = int(c.knn.k), float(c.knn.temperature)
 
+  # The datastore and the parameters are arguments, not closed-over constants (a 512 MB constant in a jitted
+  # program is slow to compile).
   @jax.jit
-  def knn_lm_probs(q):
-    d, i = search._knn_jit(q, padded, sq, None, k=k, block_size=block, approx=False)
+  def knn_lm_probs(q, padded, sq, values):
+    d, i = search.search_prepared(q, (padded, sq, block), k)
     return knn_lm.knn_log_probs(d, values[i], vocab, temp)
 
   model, params = pipeline.load_memory(work, "mlp")
-  mlp_probs = jax.jit(lambda q: jax.nn.log_softmax(model.apply({"params": params}, q), -1))
-  t_knn = time_fn(knn_lm_probs, q, warmup=1, iters=3, max_seconds=120)
-  t_mlp = time_fn(mlp_probs, q, warmup=1, iters=10, max_seconds=30)
+  mlp_probs = jax.jit(lambda params, q: jax.nn.log_softmax(model.apply({"params": params}, q), -1))
+  t_knn = time_fn(knn_lm_probs, q, padded, sq, values, warmup=1, iters=3, max_seconds=120)
+  t_mlp = time_fn(mlp_probs, params, q, warmup=1, iters=10, max_seconds=30)
   return {"queries": n_queries, "datastore_size": int(ds.manifest["size"]), "k": k,
           "knn_lm_ms_per_token": 1e3 * t_knn / n_queries, "mlp_memory_ms_per_token": 1e3 * t_mlp / n_queries,
           "speedup_mlp_over_knn": t_knn / t_mlp}

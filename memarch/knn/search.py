@@ -164,6 +164,29 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+def prepare_keys(keys, block_size: int = 8192):
+  """The datastore padded for the scan, once: `(padded keys, squared norms (+inf on padding), block_size)`.
+
+  Pass it to `search_prepared` to search many query batches without copying the keys each time.
+  """
+  keys = jnp.asarray(keys)
+  if keys.ndim != 2 or block_size < 1:
+    raise ValueError(f"keys must be [n, d] and block_size >= 1; got {keys.shape} and {block_size}.")
+  block_size = min(block_size, _round_up(keys.shape[0], GROUP))
+  padded, sq = _pad_keys(keys, block_size)
+  return padded, sq, block_size
+
+
+def search_prepared(queries, prepared, k: int, *, exclude=None, approx: bool = False, n: int | None = None):
+  """`knn_search` against `prepare_keys`' output (jittable: call it inside a jitted function).
+
+  n: the number of real keys (for the k check; default: the padded count)."""
+  padded, sq, block_size = prepared
+  if n is not None and not 1 <= k <= n - (exclude is not None):
+    raise ValueError(f"k={k} must be in [1, {n - (exclude is not None)}] for a datastore of {n} keys.")
+  return _knn_jit(jnp.asarray(queries), padded, sq, exclude, k=k, block_size=block_size, approx=approx)
+
+
 def sharded_knn_search(queries, keys, k: int, *, mesh: jax.sharding.Mesh, axis: str, block_size: int = 8192,
                        exclude=None, approx: bool = False):
   """`knn_search` with the datastore sharded along n over the devices of mesh axis `axis`.
@@ -208,8 +231,7 @@ def knn_search_batched(queries, keys, k: int, *, query_batch: int = 1024, block_
   ex_all = None if exclude is None else np.asarray(exclude, np.int32)
   _check(jnp.zeros((1, queries.shape[1])), keys, k, block_size,
          None if exclude is None else jnp.zeros((1,), jnp.int32))
-  block_size = min(block_size, _round_up(keys.shape[0], GROUP))
-  keys, sq = _pad_keys(keys, block_size)
+  prepared = prepare_keys(keys, block_size)
   dist = np.empty((n_q, k), np.float32)
   idx = np.empty((n_q, k), np.int32)
   for s in tqdm(range(0, n_q, query_batch), desc=desc, disable=not progress, file=sys.stderr,
@@ -222,6 +244,6 @@ def knn_search_batched(queries, keys, k: int, *, query_batch: int = 1024, block_
       ex = np.full((query_batch,), -1, np.int32)
       ex[: e - s] = ex_all[s:e]
       ex = jnp.asarray(ex)
-    d, i = _knn_jit(jnp.asarray(q), keys, sq, ex, k=k, block_size=block_size, approx=approx)
+    d, i = search_prepared(q, prepared, k, exclude=ex, approx=approx)
     dist[s:e], idx[s:e] = np.asarray(d)[: e - s], np.asarray(i)[: e - s]
   return dist, idx
