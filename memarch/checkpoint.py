@@ -79,6 +79,16 @@ def param_shapes(params) -> dict[str, list]:
   }
 
 
+def restore_params(directory: str, abstract_params, step: int | None = None):
+  """The parameters of the latest (or `step`'s) checkpoint in `directory` (a run's `<workdir>/checkpoints`), read
+  onto the shardings of `abstract_params` (see `Checkpointer.restore_params`)."""
+  checkpointer = Checkpointer(directory, keep=1_000_000, async_save=False)
+  try:
+    return checkpointer.restore_params(abstract_params, step)[1]
+  finally:
+    checkpointer.close()
+
+
 def make_manifest(model_config: dict, params) -> dict[str, Any]:
   # JSON round trip so tuples and lists compare equal after loading.
   return json.loads(json.dumps({"model": model_config, "params": param_shapes(params)}))
@@ -268,6 +278,35 @@ class Checkpointer:
           + "\n  ".join(damaged) + "\nRun again to start from step 0, or restore the files."
       )
     return None
+
+  def restore_params(self, abstract_params, step: int | None = None):
+    """The parameters alone of checkpoint `step` (default: the latest), each read straight onto the sharding of
+    its abstract leaf (`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`): a checkpoint written on one mesh
+    (or number of hosts) loads onto another, and the optimizer state is not read. Returns (step, params).
+
+    CheckpointDamagedError if the step is damaged (or there is none), CheckpointMismatchError if its parameter
+    shapes differ from `abstract_params`.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointDamagedError(f"no checkpoint in {self.directory}.")
+    problems = self.problems(step)
+    if problems:
+      raise CheckpointDamagedError(f"checkpoint step {step} in {self.directory} is damaged: " + "; ".join(problems))
+    saved = self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+    diffs = manifest_differences({"params": saved.get("params", {})},
+                                 json.loads(json.dumps({"params": param_shapes(abstract_params)})))
+    if diffs:
+      raise CheckpointMismatchError(f"the parameters of checkpoint step {step} in {self.directory} differ from the "
+                                    "model's:\n  " + "\n  ".join(diffs))
+    # The state item is an orbax PyTree; a partial restore reads only the "params" subtree.
+    target = {"params": abstract_params}
+    out = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.step_dir(step), "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True),
+    )
+    return step, out["params"]
 
   def wait(self) -> None:
     try:

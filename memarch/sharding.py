@@ -88,7 +88,8 @@ def _entry(axes: Sequence[str]):
 
 
 def fit_spec(shape: Sequence[int], spec: P | Sequence[Any], axis_sizes: dict[str, int]) -> P:
-  """`spec` with every mesh axis that does not divide its dimension dropped (replicated there).
+  """`spec` with every mesh axis that does not divide its dimension dropped (replicated there), and axes of
+  size 1 (which split nothing) left out, so the spec says how the array is really split.
 
   Axes are taken in order: for a dimension mapped to ("data", "fsdp"), "data" is kept if it divides the
   dimension, then "fsdp" if it divides what remains. Entries past the array's rank are an error.
@@ -100,7 +101,7 @@ def fit_spec(shape: Sequence[int], spec: P | Sequence[Any], axis_sizes: dict[str
   for dim, entry in zip(shape, spec + (None,) * (len(shape) - len(spec))):
     kept, n = [], 1
     for axis in _axes_tuple(entry):
-      if dim % (n * axis_sizes[axis]) == 0:
+      if axis_sizes[axis] > 1 and dim % (n * axis_sizes[axis]) == 0:
         kept.append(axis)
         n *= axis_sizes[axis]
     out.append(_entry(kept))
@@ -245,7 +246,7 @@ def _dims_spec(sizes: dict[str, int], name: str, *dims: int):
   axes = _axes_tuple(nn.logical_to_mesh_axes((name,))[0])
   kept, n = [], 1
   for axis in axes:
-    if all(d % (n * sizes[axis]) == 0 for d in dims):
+    if sizes[axis] > 1 and all(d % (n * sizes[axis]) == 0 for d in dims):
       kept.append(axis)
       n *= sizes[axis]
   return _entry(kept)
