@@ -214,6 +214,12 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> int:
         f"batch size {global_batch} must be divisible by the data x fsdp mesh size ({dp}) and by the number "
         f"of hosts ({hosts})."
     )
+  if dp % hosts:
+    # Each host loads its own rows (place_batch); with fewer row groups than hosts, a host's devices would
+    # need rows that another host loaded.
+    raise ValueError(
+        f"config.mesh: data x fsdp = {dp} must be a multiple of the number of hosts ({hosts}): every host loads "
+        "its own rows of the batch. Put more devices on the data or fsdp axes.")
   return global_batch // hosts
 
 

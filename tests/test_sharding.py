@@ -98,6 +98,17 @@ def test_mesh_must_match_device_count():
     validate.validate_config(config, 1)
 
 
+def test_batch_rows_per_host(monkeypatch):
+  mesh = sharding.make_mesh(base.mesh_config())  # one device
+  assert sharding.check_batch_size(8, mesh) == 8
+  # 4 hosts but only 1 row group (data x fsdp): a host's devices would need rows that other hosts loaded.
+  monkeypatch.setattr(sharding.jax, "process_count", lambda: 4)
+  with pytest.raises(ValueError, match="multiple of the number of hosts"):
+    sharding.check_batch_size(8, mesh)
+  with pytest.raises(ValueError, match="divisible"):
+    sharding.check_batch_size(6, mesh)
+
+
 def test_initialize_distributed_is_a_no_op_without_a_cluster(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   monkeypatch.setattr(sharding, "_cluster_detected", lambda: False)
