@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import gated_deltanet, mom, titans, transformer
 from memarch import checkpoint as ckpt_lib
@@ -72,19 +71,47 @@ def random_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   }
 
 
-def build(config, devices=None):
+def build_for_training(config, devices=None):
+  """Mesh, rules, model and TrainState with the config's own optimizer (as train_and_evaluate builds them)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)
   model = build_model(train_lib.resolve_model_config(config, data_lib.data_info(config.data)))
-  optimizer = optax.adamw(1e-3)
-  state, _ = train_lib.create_train_state(model, optimizer, seq_len=config.data.seq_len, rng=jax.random.key(0),
-                                          mesh=mesh, rules=rules)
+  optimizer = train_lib.make_optimizer(config.optim, config.train.steps)
+  state, _ = train_lib.create_train_state(model, optimizer, seq_len=config.data.seq_len,
+                                          rng=jax.random.key(config.train.seed), mesh=mesh, rules=rules)
   return mesh, rules, model, state
+
+
+def train_loop(config, batches, devices=None, keep_step: int = 0):
+  """train_and_evaluate's steps (same init, optimizer and schedule) over host `batches` (an iterator), on the
+  config's mesh or over `devices`. Returns ({step: loss}, final state, parameters after `keep_step` or None)."""
+  mesh, rules, model, state = build_for_training(config, devices)
+  optimizer = train_lib.make_optimizer(config.optim, config.train.steps)
+  schedule = train_lib.make_schedule(config.optim, config.train.steps)
+  losses, kept = {}, None
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(train_lib.make_train_step(model, optimizer, schedule))
+    for i in range(1, config.train.steps + 1):
+      state, metrics = step(state, sharding.place_batch(next(batches), mesh))
+      losses[i] = float(metrics["loss"])
+      if i == keep_step:
+        kept = jax.device_get(state.params)
+  return losses, state, kept
+
+
+def max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+
+
+def on_shardings_of(params):
+  """Abstract leaves with the shardings of `params` (a restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
 
 
 def loss_and_grads(config, batch, devices=None):
   """(loss, grads as numpy, params) of one step on config's mesh (or over `devices`)."""
-  mesh, rules, model, state = build(config, devices)
+  mesh, rules, model, state = build_for_training(config, devices)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fn = jax.jit(jax.value_and_grad(lambda p, b: train_lib.training_loss(model, p, b)[0]))
     loss, grads = fn(state.params, sharding.place_batch(batch, mesh))
@@ -200,30 +227,16 @@ def case_ckpt(args):
   train_lib.train_and_evaluate(config(a), f"{root}/ab", stop_after=4)
   run_b = train_lib.train_and_evaluate(config(b), f"{root}/ab")
   # The step-4 checkpoint (written on mesh A) read again straight onto mesh B's shardings.
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run_b.state.params)
-  restored = ckpt_lib.restore_params(f"{root}/ab/checkpoints", abstract, step=4)
-  # The unsharded reference: train_and_evaluate's loop (same init, data order, schedule) on one device.
+  restored = ckpt_lib.restore_params(f"{root}/ab/checkpoints", on_shardings_of(run_b.state.params), step=4)
+  # The unsharded reference: the same steps over the same data order on one device.
   ref_config = config((1, 1, 1, 1))
-  mesh, rules, model, state = build_for_training(ref_config, devices=jax.devices()[:1])
-  schedule = train_lib.make_schedule(ref_config.optim, ref_config.train.steps)
-  optimizer = train_lib.make_optimizer(ref_config.optim, ref_config.train.steps)
-  it = data_lib.create_train_iterator(ref_config.data, batch_size=8, seed=ref_config.data.seed)
-  losses, params_at_4 = {}, None
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train_lib.make_train_step(model, optimizer, schedule))
-    for i in range(8):
-      state, metrics = step(state, sharding.place_batch(next(it), mesh))
-      losses[i + 1] = float(metrics["loss"])
-      if i + 1 == 4:
-        params_at_4 = jax.device_get(state.params)
+  batches = data_lib.create_train_iterator(ref_config.data, batch_size=8, seed=ref_config.data.seed)
+  losses, state, params_at_4 = train_loop(ref_config, batches, devices=jax.devices()[:1], keep_step=4)
   return {
-      "losses_ab": read_losses(f"{root}/ab"), "losses_ref": losses,
-      "restore_err": max(float(np.max(np.abs(np.asarray(x) - y)))
-                         for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(params_at_4))),
+      "losses_ab": read_losses(f"{root}/ab"), "losses_ref": losses, "restore_err": max_abs_diff(restored, params_at_4),
       "restored_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(restored)}),
       "mesh_b": {k: int(v) for k, v in dict(run_b.state.params["embedding"].sharding.mesh.shape).items()},
-      "param_err": max(float(np.max(np.abs(x - y))) for x, y in zip(
-          jax.tree.leaves(jax.device_get(run_b.state.params)), jax.tree.leaves(jax.device_get(state.params)))),
+      "param_err": max_abs_diff(run_b.state.params, state.params),
   }
 
 
@@ -241,40 +254,20 @@ def case_hostref(args):
   """What the 2-process run must give: the same global batches (host 0's rows, then host 1's) through the same
   train step, in one process on 8 devices; and the 2-process run's checkpoint restored here."""
   config = multihost_config()
-  for key, value in args.get("overrides", {}).items():
-    section, name = key.split(".")
-    config[section][name] = value
-  mesh, rules, model, state = build_for_training(config)
-  schedule = train_lib.make_schedule(config.optim, config.train.steps)
-  optimizer = train_lib.make_optimizer(config.optim, config.train.steps)
   iters = [data_lib.create_train_iterator(config.data, batch_size=config.train.batch_size // 2, seed=config.data.seed,
                                           process_index=i, process_count=2) for i in range(2)]
-  losses = {}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train_lib.make_train_step(model, optimizer, schedule))
-    for i in range(config.train.steps):
+
+  def global_batches():
+    while True:
       parts = [next(it) for it in iters]
-      batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-      state, metrics = step(state, sharding.place_batch(batch, mesh))
-      losses[i + 1] = float(metrics["loss"])
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  losses, state, _ = train_loop(config, global_batches())
   out = {"losses": losses}
   if args.get("checkpoint"):
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
-    restored = ckpt_lib.restore_params(args["checkpoint"], abstract)
-    out["param_err"] = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                           for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(state.params))))
+    restored = ckpt_lib.restore_params(args["checkpoint"], on_shardings_of(state.params))
+    out["param_err"] = max_abs_diff(restored, state.params)
   return out
-
-
-def build_for_training(config, devices=None):
-  """Mesh, rules, model and TrainState with the config's own optimizer (as train_and_evaluate builds them)."""
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.logical_rules(config.mesh)
-  model = build_model(train_lib.resolve_model_config(config, data_lib.data_info(config.data)))
-  optimizer = train_lib.make_optimizer(config.optim, config.train.steps)
-  state, _ = train_lib.create_train_state(model, optimizer, seq_len=config.data.seq_len,
-                                          rng=jax.random.key(config.train.seed), mesh=mesh, rules=rules)
-  return mesh, rules, model, state
 
 
 def case_bundle(args):

@@ -7,7 +7,6 @@ checkpoint both processes wrote restores there with the same parameters.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -8,7 +8,6 @@ jax is imported); the rules (fit_spec, param_spec, batch_spec) are checked here,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
