@@ -88,9 +88,12 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,))
-    xf = x.astype(jnp.float32)
+    # On a 2-D view [tokens, dim]: with a leading axis of 1 (batch 1), autodiff's sums run over [1, t, d]'s
+    # middle or last axis, which XLA's CPU backend (its YNNPACK reduce fusions) ran 5-15x slower than the same
+    # sums over a 2-D array (measured: fwd+bwd at [1, 2048, 256] 27 ms -> 2 ms; [4, 512, 256] 1.5 ms either way).
+    xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return (y * scale).reshape(x.shape).astype(self.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
