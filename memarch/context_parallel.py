@@ -63,12 +63,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs):
       impl=kwargs.get("impl", "auto"))
 
 
-def linear_scan(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs):
+def linear_scan(q: jax.Array, k: jax.Array, v: jax.Array, *, split_batch: bool = True, **kwargs):
   """`kernels.linear_scan(q, k, v, **kwargs)`; the sequence-parallel scan over the sequence axis where the
-  axis divides the sequence."""
+  axis divides the sequence. split_batch=False keeps the batch axis whole inside the shard_map (for a batch
+  that is not the model's: MoM folds its memories into it)."""
   if not _splits(q.shape[1], shard_lib.sequence_axis_size()):
     return shard_lib.linear_scan(q, k, v, **kwargs)
   batch_axes, head_axes = _split_axes(q.shape[0], q.shape[2])
+  batch_axes = batch_axes if split_batch else None
   return kernels.sharded_linear_scan(q, k, v, axis_name=shard_lib.SEQUENCE_AXIS, batch_axes=batch_axes,
                                      head_axes=head_axes, **kwargs)
 

@@ -278,7 +278,7 @@ class MixtureOfMemories(nn.Module):
 
     o, final = context_parallel.linear_scan(  # sequence-parallel over a `sequence` mesh axis
         fold(q), fold(k), fold(v), g=fold(g), beta=fold(beta), initial_state=fold(state),
-        chunk_size=c.get("chunk_size", 64), impl=c.get("scan_impl", "auto"),
+        chunk_size=c.get("chunk_size", 64), impl=c.get("scan_impl", "auto"), split_batch=False,
     )
     o = o.reshape(mm, b, length, heads, dv)
     final = final.reshape(mm, b, heads, dk, dv)
