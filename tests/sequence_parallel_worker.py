@@ -144,8 +144,8 @@ def case_memory(args):
 
 
 def case_models(args):
-  """Logits (and, for `grad` models, gradients of a loss) of a tiny model under a (1, 1, 1, n) mesh with the
-  layers' logical rules vs the same parameters on one device."""
+  """Logits (and, for `grad` models, gradients of a loss) of a tiny model under a mesh (`mesh`: data, fsdp,
+  tensor, sequence; default (1, 1, 1, 4)) with the config's logical rules vs the same parameters on one device."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   from configs import gated_deltanet, mom, titans, transformer  # pylint: disable=g-import-not-at-top
@@ -162,7 +162,8 @@ def case_models(args):
   for name in args["models"]:
     module, arg = families[name]
     c = module.get_config(arg)
-    c.mesh.data, c.mesh.sequence = 1, args.get("sequence", 4)
+    for axis, size in zip(AXES, args.get("mesh", (1, 1, 1, 4))):
+      c.mesh[axis] = int(size)
     c.data.seq_len = t
     for key, value in args.get("overrides", {}).get(name, {}).items():
       c.model[key] = value
@@ -173,7 +174,7 @@ def case_models(args):
     fwd = lambda p, x: model.apply({"params": p}, x)
     loss = lambda p, x: jnp.mean(jax.nn.log_softmax(fwd(p, x).astype(jnp.float32))[..., 0])
     ref_logits = jax.jit(fwd)(params, tokens)
-    mesh = sharding.make_mesh(c.mesh, jax.devices()[: c.mesh.sequence])
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[: int(np.prod([c.mesh[a] for a in AXES]))])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(c.mesh)):
       logits = jax.jit(fwd)(params, tokens)
       jaxpr = str(jax.make_jaxpr(fwd)(params, tokens))

@@ -147,3 +147,15 @@ def test_models_more():
     if "grad_err" in res:
       assert res["grad_err"] <= 1e-4 * max(1.0, res["grad_scale"]), (name, res)
   assert out["mom"]["all_gather"] and out["titans_lmm"]["ppermute"] and out["titans_mal"]["ppermute"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [(2, 1, 1, 2), (1, 1, 2, 2)])
+def test_models_mixed_mesh(mesh):
+  """The sequence axis with data parallelism (batch rows split inside the shard_maps) or tensor parallelism
+  (heads split): logits and gradients of Transformer, Gated DeltaNet, MoM and Titans LMM equal one device."""
+  names = ["transformer", "gated_deltanet", "mom", "titans_lmm"]
+  out = run_worker("models", {"models": names, "seq": 32, "mesh": list(mesh), "grad": names})
+  for name, res in out.items():
+    assert res["out_err"] <= TOL * max(1.0, res["out_scale"]), (name, res)
+    assert res["grad_err"] <= 1e-4 * max(1.0, res["grad_scale"]), (name, res)
