@@ -8,6 +8,7 @@ sharded programs contain); the assertions live in the test. Cases:
   scan    kernels.sharded_linear_scan vs kernels.linear_scan(impl="reference"): o, final state and gradients
   memory  memory.sequence_parallel.sharded_update vs neural.chunked_update: reads, (W, S) and gradients
   models  DecoderLM forward (and gradients) on a mesh with a sequence axis vs the same parameters on one device
+  export  ring attention and the SP scan with Pallas kernels exported for TPU and GPU (Triton) on a 4-device mesh
   multi   several of the above in one process: {"ring": {...}, "scan": {...}}
 """
 
@@ -189,6 +190,49 @@ def case_models(args):
   return out
 
 
+def case_export(args):
+  """The gradients of ring attention and of the SP scan with impl="pallas" on a (1, 1, 1, 4) mesh, exported for
+  TPU (Mosaic) and GPU (Triton) from this CPU-only machine: which kernels and collectives the modules contain.
+
+  `impl="pallas"` picks its kernel by the default backend (cpu here), so the target is forced by replacing
+  the two selectors (`kernels.attention._pallas_variant`, `kernels.linear_scan_pallas.default_backend`), the
+  test-only equivalent of running on that backend.
+  """
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  attention_module = sys.modules["kernels.attention"]
+  from kernels import linear_scan_pallas  # pylint: disable=g-import-not-at-top
+
+  mesh = mesh_of((1, 1, 1, 4))
+  t = args.get("seq", 512)
+  seq = NamedSharding(mesh, P(None, "sequence"))
+  x = jax.ShapeDtypeStruct((1, t, 2, 64), jnp.bfloat16, sharding=seq)
+  gate = jax.ShapeDtypeStruct((1, t, 2), jnp.float32, sharding=seq)
+  ops = {
+      "ring": (lambda q, k, v: kernels.ring_attention_sharded(q, k, v, window=t // 2, impl="pallas"), (x, x, x)),
+      "scan": (lambda q, k, v, g, b: kernels.sharded_linear_scan(q, k, v, g=g, beta=b, impl="pallas")[0],
+               (x, x, x, gate, gate)),
+  }
+  targets = {"tpu": ("pallas_tpu", "tpu", "tpu_custom_call"), "cuda": ("pallas_triton", "triton", "__gpu$xla.gpu.triton")}
+  out = {}
+  saved = attention_module._pallas_variant, linear_scan_pallas.default_backend  # pylint: disable=protected-access
+  try:
+    for platform, (variant, scan_backend, marker) in targets.items():
+      attention_module._pallas_variant = lambda impl, v=variant: v if impl == "pallas" else impl  # pylint: disable=protected-access
+      linear_scan_pallas.default_backend = lambda b=scan_backend: b
+      checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if platform == "cuda" else []
+      for name, (fn, shapes) in ops.items():
+        grad = jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+        with jax.set_mesh(mesh):
+          text = export.export(jax.jit(grad), platforms=[platform], disabled_checks=checks)(*shapes).mlir_module()
+        out[f"{name}_{platform}"] = {"kernel": marker in text, "collective_permute": "collective_permute" in text,
+                                     "all_gather": "all_gather" in text}
+  finally:
+    attention_module._pallas_variant, linear_scan_pallas.default_backend = saved  # pylint: disable=protected-access
+  return out
+
+
 def case_multi(args):
   """Several cases in one process (one interpreter and JAX start-up): {"case": args, ...} -> {"case": result}."""
   out = {}
@@ -199,7 +243,8 @@ def case_multi(args):
   return out
 
 
-CASES = {"ring": case_ring, "scan": case_scan, "memory": case_memory, "models": case_models, "multi": case_multi}
+CASES = {"ring": case_ring, "scan": case_scan, "memory": case_memory, "models": case_models, "export": case_export,
+         "multi": case_multi}
 
 if __name__ == "__main__":
   result = CASES[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

@@ -51,6 +51,7 @@ DEFAULT = {
     "memory": {"variants": [{"name": "affine", "depth": 1}, {"name": "handoff", "depth": 2}]},
     "models": {"models": ["transformer", "gated_deltanet"], "seq": 16,
                "overrides": {"transformer": {"num_layers": 1}, "gated_deltanet": {"num_layers": 1}}},
+    "export": {},
 }
 
 
@@ -133,6 +134,15 @@ def test_models_forward(default_results):
   out = default_results["models"]
   check(dict(out["transformer"], grad_err=[], grad_scale=[]), collective="ppermute")
   check(dict(out["gated_deltanet"], grad_err=[], grad_scale=[]), collective="all_gather")
+
+
+def test_exports_for_tpu_and_gpu(default_results):
+  """Ring attention and the SP scan with impl="pallas", gradients included, lower for TPU (Mosaic) and GPU
+  (Triton) on a 4-device mesh from this CPU-only machine: the Pallas kernels and the collectives are there."""
+  out = default_results["export"]
+  for platform in ("tpu", "cuda"):
+    assert out[f"ring_{platform}"]["kernel"] and out[f"ring_{platform}"]["collective_permute"], out
+    assert out[f"scan_{platform}"]["kernel"] and out[f"scan_{platform}"]["all_gather"], out
 
 
 @pytest.mark.slow
