@@ -8,6 +8,7 @@ still be measured.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -97,3 +98,60 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump({"environment": environment(), **payload}, f, indent=2)
   print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------ whole models
+
+
+def model_config(spec: str, overrides: Sequence[str] = ()):
+  """The frozen, vocab-resolved model section of a config spec 'configs/x.py:arg' (with 'model.key=value'
+  style overrides as in experiments.sweep's --set), and the full config."""
+  from experiments import sweep  # noqa: PLC0415 - keep the harness import light for the kernel benchmarks
+  from memarch import data as data_lib  # noqa: PLC0415
+  from memarch.train import resolve_model_config  # noqa: PLC0415
+
+  config = sweep.load_config(spec)
+  for item in overrides:
+    sweep.apply_override(config, item)
+  return resolve_model_config(config, data_lib.data_info(config.data)), config
+
+
+def train_step_setup(model_cfg, config, *, batch: int, seq: int, seed: int = 0):
+  """A jitted train step of the model (forward, backward, AdamW update: `memarch.train.make_train_step`) with
+  its state and a random batch of `[batch, seq]` tokens: `(step, state, batch_dict, mesh)`. Call the step
+  inside `jax.set_mesh(mesh)`; it donates nothing, so the same state and batch can be timed repeatedly."""
+  import numpy as np  # noqa: PLC0415
+
+  from memarch import sharding as shard_lib  # noqa: PLC0415
+  from memarch.models import build_model  # noqa: PLC0415
+  from memarch.optim import make_optimizer, make_schedule  # noqa: PLC0415
+  from memarch.train import create_train_state, make_train_step  # noqa: PLC0415
+
+  model = build_model(model_cfg)
+  schedule = make_schedule(config.optim, config.train.steps)
+  optimizer = make_optimizer(config.optim, config.train.steps)
+  mesh = shard_lib.make_mesh(config.mesh)
+  rules = shard_lib.logical_rules(config.mesh)
+  state, _ = create_train_state(model, optimizer, seq_len=min(seq, 64), rng=jax.random.key(seed), mesh=mesh,
+                                rules=rules)
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, model_cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+  data = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+          "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+  step = jax.jit(make_train_step(model, optimizer, schedule))
+  return step, state, data, mesh
+
+
+def time_train_step(step, state, data, mesh, *, iters: int = 3, max_seconds: float = 30.0) -> dict[str, float]:
+  """Compile time (lower + compile, s) and the median step time (s) of a `train_step_setup` step."""
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    step_s = time_fn(lambda s, d: compiled(s, d)[1], state, data, warmup=1, iters=iters, max_seconds=max_seconds)
+  return {"compile_s": compile_s, "step_s": step_s}
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array (or ShapeDtypeStruct) leaf of a pytree."""
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))

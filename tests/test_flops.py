@@ -1,0 +1,95 @@
+"""memarch.flops against XLA's own count, and the launch planner's consistency.
+
+XLA's cost analysis counts every HLO op: the matmuls (2 FLOPs per multiply-add, as memarch.flops does) plus one
+FLOP per output element of elementwise ops (norms, activations, gates, softmax), which memarch.flops leaves
+out; its optimizer also folds products with operands known to be zero (Titans' initial momentum S_0 = 0). At
+the tiny widths tested here the elementwise share is a few percent, so the analytic count must be within 15%
+of XLA's for the forward and 20% for the training step (XLA's count of jax.grad: the backward's recomputation
+included). The configs are fully unrolled: one attention block, one scan chunk, one memory chunk (XLA counts a
+loop body once whatever its trip count, so only a trip count of 1 is comparable).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments.benchmarks import harness
+from memarch import flops
+from memarch.models import build_model
+
+pytestmark = pytest.mark.timeout(120)
+
+T = 32  # tokens: one attention block, one chunk of 32 (scan and memory)
+
+CASES = {
+    "transformer": ("configs/transformer.py:size=tiny",
+                    ['model.layer_blocks=("attention", "mlp")', "model.embed_dim=128", "model.mlp_dim=384",
+                     "model.attention_impl=xla"]),
+    "gated_deltanet": ("configs/gated_deltanet.py:size=tiny",
+                       ['model.layer_blocks=("linear_memory", "mlp")', "model.chunk_size=32", "model.scan_impl=xla"]),
+    "titans_lmm": ("configs/titans.py:variant=lmm,size=tiny", ["model.memory_chunk_size=32"]),
+}
+
+
+def _xla_flops(model_cfg, *, train: bool, compiled: bool) -> float:
+  model = build_model(model_cfg)
+  tokens = jnp.ones((1, T), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
+  fwd = lambda p, x: model.apply(p, x, mutable=["losses", "metrics"])[0]
+  fn = jax.grad(lambda p, x: jnp.sum(fwd(p, x))) if train else fwd
+  lowered = jax.jit(fn).lower(params, tokens)
+  return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_train_flops_match_xla_cost_analysis(name):
+  spec, overrides = CASES[name]
+  model_cfg, _ = harness.model_config(spec, overrides)
+  est = flops.model_flops(model_cfg, T)
+  fwd = _xla_flops(model_cfg, train=False, compiled=True) / T
+  assert 0.85 <= fwd / est["per_token_forward"] <= 1.15, (fwd, est["per_token_forward"])
+  # The gradient's cost from the lowered (unoptimized) module: compiling it would dominate the test's time.
+  train = _xla_flops(model_cfg, train=True, compiled=False) / T
+  assert 0.8 <= train / est["per_token_train"] <= 1.2, (train, est["per_token_train"])
+
+
+def test_conventions():
+  """Causal halving, windows, the train multiplier with recomputation, by_layer sums, config forms."""
+  assert flops.mean_visible_keys(4) == 2.5  # (1 + 2 + 3 + 4) / 4
+  assert flops.mean_visible_keys(6, window=2) == (1 + 2 * 5) / 6
+  assert flops.mean_visible_keys(6, window=10) == flops.mean_visible_keys(6)
+  model_cfg, config = harness.model_config("configs/transformer.py:size=small")
+  a = flops.model_flops(config, 2048)  # full config: vocab from config.data
+  b = flops.model_flops(model_cfg, 2048)
+  assert a == b
+  by = a["by_layer"]
+  assert math.isclose(sum(v["forward"] for v in by.values()), a["per_token_forward"])
+  assert math.isclose(sum(v["train"] for v in by.values()), a["per_token_train"])
+  # MLP: no recomputation, exactly 3x; attention: 3x plus the recomputed QK^T.
+  assert by["mlp"]["train"] == 3 * by["mlp"]["forward"]
+  assert by["attention"]["train"] > 3 * by["attention"]["forward"]
+  assert by["unembedding"]["forward"] == 2 * 256 * 8192
+  # Full attention grows with length, a sliding window saturates, a memory model's cost per token is flat.
+  assert flops.model_flops(config, 8192)["per_token_forward"] > 2 * a["per_token_forward"] - by["attention"]["forward"]
+  gdn, _ = harness.model_config("configs/gated_deltanet.py:size=small")
+  assert flops.model_flops(gdn, 16384)["per_token_forward"] == flops.model_flops(gdn, 2048)["per_token_forward"]
+
+
+def test_every_family_has_a_count():
+  for spec in ("configs/based.py:size=small", "configs/mom.py:size=small", "configs/titans.py:variant=mac,size=small",
+               "configs/titans.py:variant=mag,size=small", "configs/titans.py:variant=mal,size=small",
+               "configs/hmt.py:size=small,segment=256,sensory=32", "configs/hmt.py:size=tiny,backbone=gated_deltanet",
+               "configs/linear_attention.py:rule=delta,size=small"):
+    model_cfg, _ = harness.model_config(spec)
+    out = flops.model_flops(model_cfg, 2048)
+    assert out["per_token_train"] > 3 * out["per_token_forward"] > 0, spec
+  mom, _ = harness.model_config("configs/mom.py:size=small")
+  entry = flops.model_flops(mom, 2048)["by_layer"]["mom"]
+  assert entry["executed_forward"] > entry["forward"]  # the gather implementation scans every memory
+  atlas, _ = harness.model_config("configs/titans.py:variant=atlas,size=small")
+  with pytest.raises(NotImplementedError, match="ATLAS"):
+    flops.model_flops(atlas, 2048)
+  with pytest.raises(ValueError, match="seq_len"):
+    flops.model_flops(mom, 0)
