@@ -1,6 +1,7 @@
 """Benchmarks: `python -m experiments.benchmark NAME [options]`; each prints a table and writes JSON.
 
-Names: attention (kernels.attention), scan (kernels.linear_scan / decay_scan).
+Names: attention (kernels.attention), scan (kernels.linear_scan / decay_scan), models (whole models: train
+throughput, scaling with length, decoding, roofline, compile time).
 `python -m experiments.benchmark NAME --help` lists a benchmark's options.
 """
 
@@ -14,6 +15,8 @@ BENCHMARKS = {
     "scan": "experiments.benchmarks.scan",
     "titans": "experiments.benchmarks.titans",  # one Titans NeuralMemory layer: tokens/s, time vs seq
     "mlp_memory": "experiments.benchmarks.mlp_memory",  # kNN-LM / MLP Memory / Memory Decoder perplexity + cost
+    # whole models: train throughput, time per token vs length, decoding, roofline, compile time
+    "models": "experiments.benchmarks.models",
 }
 
 

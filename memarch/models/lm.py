@@ -5,6 +5,13 @@
 The stack is `config.model.layer_blocks` repeated `config.model.num_layers` times, so
 `layer_blocks=("attention", "mlp")` is Transformer++ and hybrids mix recurrent and attention blocks.
 Every model in memarch offers this interface (DESIGN.md, "memarch.layers and memarch.models").
+
+`config.model.scan_layers` (default False; a config without the key has it off) runs the num_layers identical
+groups of `layer_blocks` with `nn.scan`: XLA compiles one group instead of num_layers copies, so compile time
+stays flat in depth. The parameters then live under `layers/` with a leading `[num_layers]` axis (logical axis
+"layers"), and the decoding cache's "layers" is a tuple with one entry per block of the group, stacked over
+the groups, instead of a list per block: `stack_layer_params` / `unstack_layer_params` convert parameters
+(checkpoints) between the two layouts. `ffn_layer` can then name only a feed-forward block of the last group.
 """
 
 from __future__ import annotations
@@ -71,8 +78,15 @@ class DecoderLM(nn.Module):
       )
     elif c.get("position_embedding", "none") != "none":
       raise ValueError(f"model.position_embedding must be 'none' or 'learned', got {c.position_embedding!r}.")
-    self.blocks = [get_block(n)(c, name=f"block_{i}_{n}") for i, n in enumerate(self.block_names)]
-    self.norms = [RMSNorm(c.norm_eps, name=f"norm_{i}") for i in range(len(self.block_names))]
+    if c.get("scan_layers", False):
+      scanned = nn.scan(
+          _LayerGroup, variable_axes={"params": 0, "losses": 0, "metrics": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = scanned(c, name="layers")
+    else:
+      self.blocks = [get_block(n)(c, name=f"block_{i}_{n}") for i, n in enumerate(self.block_names)]
+      self.norms = [RMSNorm(c.norm_eps, name=f"norm_{i}") for i in range(len(self.block_names))]
     self.final_norm = RMSNorm(c.norm_eps, name="final_norm")
     if not c.tie_embeddings:
       self.head = self.param(
@@ -111,6 +125,8 @@ class DecoderLM(nn.Module):
 
   def _stack(self, x, *, positions, segment_ids, caches=None, cache_index=None, ffn_layer=-1):
     """Runs the blocks. Returns (h_final_normed, ffn_input of the `ffn_layer`-th "mlp" block, new_caches)."""
+    if self.config.get("scan_layers", False):
+      return self._scanned_stack(x, positions, segment_ids, caches, cache_index, ffn_layer)
     new_caches = []
     ffn_inputs = []
     for i, (name, block, norm) in enumerate(zip(self.block_names, self.blocks, self.norms)):
@@ -127,6 +143,26 @@ class DecoderLM(nn.Module):
       raise ValueError(f"ffn_layer={ffn_layer} names no feed-forward block: the stack has {len(ffn_inputs)} "
                        f"(valid: {-len(ffn_inputs)}..{len(ffn_inputs) - 1}, -1 is the last).")
     return self.final_norm(x), (ffn_inputs[ffn_layer] if ffn_inputs else None), new_caches
+
+  def _scanned_stack(self, x, positions, segment_ids, caches, cache_index, ffn_layer):
+    """`_stack` with scan_layers: the scan carries the residual stream and the group's feed-forward inputs."""
+    c = self.config
+    per_group = sum(n == "mlp" for n in c.layer_blocks)
+    ffn0 = tuple(jnp.zeros_like(x) for _ in range(per_group))
+    (x, ffn_inputs), new_caches = self.layers((x, ffn0), positions, segment_ids, caches, cache_index)
+    ffn_input = None
+    if per_group:
+      total = per_group * c.num_layers
+      if not -total <= ffn_layer < total:
+        raise ValueError(f"ffn_layer={ffn_layer} names no feed-forward block: the stack has {total} "
+                         f"(valid: {-total}..{total - 1}, -1 is the last).")
+      j = ffn_layer % total - (total - per_group)
+      if j < 0:
+        raise NotImplementedError(
+            f"ffn_layer={ffn_layer} with model.scan_layers: the scan keeps only the last layer's feed-forward "
+            "inputs; turn scan_layers off to read an earlier one.")
+      ffn_input = ffn_inputs[j]
+    return self.final_norm(x), ffn_input, new_caches
 
   def _logits(self, h):
     w = self.embedding.T if self.config.tie_embeddings else self.head
@@ -170,6 +206,12 @@ class DecoderLM(nn.Module):
     """
     c = self.config
     self._check_length(max_len)
+    if c.get("scan_layers", False):
+      # One entry per block of the group, each stacked over the num_layers groups (the scan's layout).
+      stack = lambda x: jnp.broadcast_to(x, (c.num_layers,) + x.shape)
+      group = tuple(jax.tree.map(stack, get_block(n)(c, parent=None).init_cache(batch, max_len))
+                    for n in c.layer_blocks)
+      return {"index": jnp.zeros((), jnp.int32), "layers": group}
     names = tuple(c.layer_blocks) * c.num_layers
     return {
         "index": jnp.zeros((), jnp.int32),
@@ -215,6 +257,61 @@ class DecoderLM(nn.Module):
 
 
 def _cache_capacity(cache) -> int | None:
-  """The smallest preallocated length among the layers' caches (None if no layer has a growing cache)."""
-  caps = [c["k"].shape[1] for c in cache["layers"] if isinstance(c, dict) and "k" in c]
+  """The smallest preallocated length among the layers' caches (None if no layer has a growing cache).
+  A KV cache is `[batch, max_len, ...]`, or `[num_layers, batch, max_len, ...]` stacked (scan_layers)."""
+  stacked = isinstance(cache["layers"], tuple)
+  caps = [c["k"].shape[2 if stacked else 1] for c in cache["layers"] if isinstance(c, dict) and "k" in c]
   return min(caps) if caps else None
+
+
+class _LayerGroup(nn.Module):
+  """One group of `layer_blocks`, each block with its pre-norm: the body that `scan_layers` scans.
+
+  Call: ((x, ffn_inputs), positions, segment_ids, caches (a tuple per block, or None), cache_index) ->
+  ((x, this group's feed-forward inputs), new caches (a tuple, or None)). Parameter names are those of one
+  group of the unscanned stack with the group's own indices (block_{j}_{name}, norm_{j}).
+  """
+
+  config: Any
+
+  @nn.compact
+  def __call__(self, carry, positions, segment_ids, caches, cache_index):
+    c = self.config
+    x, _ = carry
+    new_caches, ffn_inputs = [], []
+    for j, name in enumerate(c.layer_blocks):
+      h = RMSNorm(c.norm_eps, name=f"norm_{j}")(x)
+      if name == "mlp":
+        ffn_inputs.append(h)
+      y, cache = get_block(name)(c, name=f"block_{j}_{name}")(
+          h, positions=positions, segment_ids=segment_ids, cache=None if caches is None else caches[j],
+          cache_index=cache_index)
+      x = constrain(x + y.astype(x.dtype), ACT)
+      new_caches.append(cache)
+    return (x, tuple(ffn_inputs)), (None if caches is None else tuple(new_caches))
+
+
+def _layer_keys(config):
+  """(scanned key, unscanned key of group l) pairs of one group's blocks and norms."""
+  g = len(config.layer_blocks)
+  for j, name in enumerate(config.layer_blocks):
+    yield f"block_{j}_{name}", lambda l, j=j, name=name: f"block_{l * g + j}_{name}"
+    yield f"norm_{j}", lambda l, j=j: f"norm_{l * g + j}"
+
+
+def stack_layer_params(params, config) -> dict[str, Any]:
+  """Unscanned DecoderLM parameters (block_{i}_{name}, norm_{i}, i < num_layers * len(layer_blocks)) -> the
+  `scan_layers` layout (`layers/block_{j}_{name}`, `layers/norm_{j}` with a leading [num_layers] axis)."""
+  out = {k: v for k, v in params.items() if not k.startswith(("block_", "norm_"))}
+  out["layers"] = {key: jax.tree.map(lambda *a: jnp.stack(a), *[params[unrolled(l)] for l in range(config.num_layers)])
+                   for key, unrolled in _layer_keys(config)}
+  return out
+
+
+def unstack_layer_params(params, config) -> dict[str, Any]:
+  """The inverse of `stack_layer_params`: `scan_layers` parameters -> the unscanned layout."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for key, unrolled in _layer_keys(config):
+    for l in range(config.num_layers):
+      out[unrolled(l)] = jax.tree.map(lambda a, l=l: a[l], params["layers"][key])
+  return out
