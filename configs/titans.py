@@ -105,6 +105,10 @@ def model_config(variant: str, size: str, max_len: int) -> ml_collections.Config
   c.max_len = max_len  # the training length (the caches have a fixed size: generation runs beyond it)
   c.compute_dtype = "float32"  # "bfloat16" on TPU and recent GPUs; parameters and memory state stay float32
   c.attention_impl = "auto"  # kernels.attention impl: auto | xla | pallas | pallas_interpret | reference
+  # nn.scan over the num_layers identical layers: compile time flat in depth (slower to compile below ~4
+  # layers); parameters under layers/ with a leading [num_layers] axis (memarch.models.lm.stack_layer_params
+  # converts unscanned checkpoints), so it is off by default.
+  c.scan_layers = False
   return c
 
 

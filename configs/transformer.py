@@ -46,6 +46,10 @@ def model_config(size: str, max_len: int) -> ml_collections.ConfigDict:
   c.max_len = max_len  # the training length (RoPE lets the model run beyond it: extrapolation)
   c.compute_dtype = "float32"  # "bfloat16" on TPU and recent GPUs; parameters stay float32
   c.attention_impl = "auto"  # kernels.attention impl: auto | xla | pallas | pallas_interpret | reference
+  # nn.scan over the num_layers identical layers: compile time flat in depth (slower to compile below ~4
+  # layers); parameters under layers/ with a leading [num_layers] axis (memarch.models.lm.stack_layer_params
+  # converts unscanned checkpoints), so it is off by default.
+  c.scan_layers = False
   return c
 
 
