@@ -1,7 +1,7 @@
 """Benchmarks: `python -m experiments.benchmark NAME [options]`; each prints a table and writes JSON.
 
 Names: attention (kernels.attention), scan (kernels.linear_scan / decay_scan), models (whole models: train
-throughput, scaling with length, decoding, roofline, compile time).
+throughput, scaling with length, decoding, roofline, compile time), plan (what a config needs on a device mesh).
 `python -m experiments.benchmark NAME --help` lists a benchmark's options.
 """
 
@@ -17,6 +17,8 @@ BENCHMARKS = {
     "mlp_memory": "experiments.benchmarks.mlp_memory",  # kNN-LM / MLP Memory / Memory Decoder perplexity + cost
     # whole models: train throughput, time per token vs length, decoding, roofline, compile time
     "models": "experiments.benchmarks.models",
+    # launch planner: parameters, FLOPs, per-device memory, communication and step time on a mesh, without running
+    "plan": "experiments.benchmarks.plan",
 }
 
 

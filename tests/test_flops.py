@@ -93,3 +93,47 @@ def test_every_family_has_a_count():
     flops.model_flops(atlas, 2048)
   with pytest.raises(ValueError, match="seq_len"):
     flops.model_flops(mom, 0)
+
+
+# ------------------------------------------------------------------------------------------ launch planner
+
+
+def _plan(mesh, batch=4, seq=64, spec="configs/transformer.py:size=tiny"):
+  from experiments import sweep  # noqa: PLC0415
+  from experiments.benchmarks import plan  # noqa: PLC0415
+
+  config = sweep.load_config(spec)
+  return plan.plan(config, plan.parse_mesh(mesh), "h100", batch=batch, seq=seq, compute_dtype="float32", mfu=0.4)
+
+
+def test_plan_counts_the_real_parameters_and_splits_memory_over_fsdp():
+  import flax.linen as nn  # noqa: PLC0415
+
+  p1 = _plan("data=1")
+  model_cfg, _ = harness.model_config("configs/transformer.py:size=tiny")
+  params = nn.meta.unbox(jax.jit(build_model(model_cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  assert p1["parameters"] == sum(x.size for x in jax.tree.leaves(params))
+  assert p1["flops_per_token_train"] == flops.model_flops(model_cfg, 64)["per_token_train"]
+  p2 = _plan("fsdp=2")
+  m1, m2 = p1["memory_per_device_bytes"], p2["memory_per_device_bytes"]
+  for key in ("parameters", "gradients", "adamw_moments", "activations", "logits"):
+    assert m2[key] == pytest.approx(m1[key] / 2), key  # tiny's dims and the batch divide by 2
+  assert p1["communication_bytes_per_device"]["fsdp_all_gather"] == 0
+  assert p2["communication_bytes_per_device"]["fsdp_all_gather"] == pytest.approx(4 * p1["parameters"])  # 2 x 1/2
+  pt = _plan("tensor=2")
+  assert pt["communication_bytes_per_device"]["tensor_all_reduce"] > 0
+  assert pt["memory_per_device_bytes"]["activations"] < m1["activations"]
+  assert p1["total_per_device_bytes_remat"] < p1["total_per_device_bytes"] and p1["fits"]
+  with pytest.raises(ValueError, match="does not split"):
+    _plan("data=3")
+
+
+def test_plan_activation_estimate_against_compiled_memory():
+  """The analytic per-device total against XLA's memory analysis of the compiled train step (one CPU device):
+  the same order of magnitude (XLA keeps temporaries the analytic model does not list, and reuses buffers)."""
+  from experiments.benchmarks import plan  # noqa: PLC0415
+
+  p = _plan("data=1", batch=4, seq=128)
+  compiled = plan.compiled_memory("configs/transformer.py:size=tiny", [], plan.parse_mesh("data=1"), 4, 128)
+  ratio = compiled["peak"] / p["total_per_device_bytes"]
+  assert 1 / 3 <= ratio <= 3, (compiled, p["total_per_device_bytes"])

@@ -9,13 +9,17 @@ configs/*.py; `--quick` takes `size=tiny` and short lengths instead), MQAR's voc
 random tokens; the train step is `memarch.train.make_train_step` (forward, backward, AdamW), jitted and
 compiled ahead of time (compile time measured separately). Times: the first run after compilation and then
 more runs while they fit the part's time budget per measurement (median); a step longer than the budget is
-timed once.
+timed once. Each step reports its wall time and this process's CPU time: pinned to one core the CPU time is the
+computation's own time even when other jobs share the core (the wall time then includes waiting for it), so
+ratios (roofline fractions, time per token against length, crossovers) use CPU time; on a quiet machine the
+two agree.
 
 Parts (`--what`, comma-separated; each prints a table and writes bench_results/models_<part>.json):
   throughput  tokens/s of a train step of every model at seq 2048, batch 1 (a step takes ~1-4 s on one core
               for the small models; `--batch` to change), all in one run.
-  roofline    analytic train FLOPs per step (memarch.flops; its conventions) / step time, as a fraction of this
-              machine's float32 matmul throughput (a 2048^3 matmul timed in the same run, best of 5). Aims:
+  roofline    analytic train FLOPs per step (memarch.flops; its conventions) / step CPU time, as a fraction of
+              this machine's float32 matmul throughput (a 2048^3 matmul timed in the same run, best of 5, per CPU
+              second; the wall-time fraction next to it). Aims:
               >= 30% for transformer and gdn, >= 20% for the Titans models. Shares the throughput runs.
   compile     compile time of every model's train step (from the throughput runs), and compile time against
               depth (2, 4, 8 layers) of transformer and gdn with model.scan_layers off and on.
@@ -111,20 +115,25 @@ def _with(config, overrides: dict[str, Any]):
   return ml_collections.FrozenConfigDict(d)
 
 
-def time_calls(fn, *args, budget_s: float, max_iters: int = 5) -> tuple[float, int]:
-  """(median seconds, calls timed): the first call (compilation done beforehand), then more while the
-  total stays within budget_s."""
-  times = []
+def time_calls(fn, *args, budget_s: float, max_iters: int = 5) -> tuple[float, float, int]:
+  """(median wall seconds, median CPU seconds of this process, calls timed): the first call (compilation done
+  beforehand), then more while the total stays within budget_s.
+
+  CPU time is what the computation itself took on its one core: on a machine shared with other jobs the wall
+  time also counts the time this process waited for the core, so ratios within a run use CPU time (on a quiet
+  machine the two agree)."""
+  walls, cpus = [], []
   start = time.perf_counter()
-  while len(times) < max_iters:
-    t0 = time.perf_counter()
+  while len(walls) < max_iters:
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() - start + times[-1] > budget_s:
+    walls.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
+    if time.perf_counter() - start + walls[-1] > budget_s:
       break
   # The first call can carry one-off costs (allocation, page faults): dropped when there are 3 or more.
-  kept = times[1:] if len(times) >= 3 else times
-  return float(np.median(kept)), len(times)
+  keep = slice(1, None) if len(walls) >= 3 else slice(None)
+  return float(np.median(walls[keep])), float(np.median(cpus[keep])), len(walls)
 
 
 _TRAIN_CACHE: dict[tuple, dict[str, Any]] = {}
@@ -145,13 +154,15 @@ def measure_train(label: str, settings: Settings, *, seq: int, batch: int,
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    step_s, n = time_calls(lambda s, d: compiled(s, d)[1], state, data, budget_s=settings.budget_s)
-  row = {"model": label, "seq": seq, "batch": batch, "compile_s": compile_s, "step_s": step_s, "timed_steps": n,
-         "tokens_per_s": batch * seq / step_s, "us_per_token": 1e6 * step_s / (batch * seq)}
+    step_s, cpu_s, n = time_calls(lambda s, d: compiled(s, d)[1], state, data, budget_s=settings.budget_s)
+  row = {"model": label, "seq": seq, "batch": batch, "compile_s": compile_s, "step_s": step_s, "step_cpu_s": cpu_s,
+         "timed_steps": n, "tokens_per_s": batch * seq / step_s, "tokens_per_cpu_s": batch * seq / cpu_s,
+         "us_per_token": 1e6 * cpu_s / (batch * seq)}
   try:
     fl = flops_lib.model_flops(model_cfg, seq)
     row["train_flops_per_token"] = fl["per_token_train"]
     row["train_gflops_per_s"] = fl["per_token_train"] * batch * seq / step_s / 1e9
+    row["train_gflops_per_cpu_s"] = fl["per_token_train"] * batch * seq / cpu_s / 1e9
   except NotImplementedError as e:
     row["train_flops_per_token"] = None
     row["flops_note"] = str(e).split(":")[0]
@@ -171,7 +182,7 @@ def _print_row(rows: list[dict[str, Any]], row: dict[str, Any], columns: list[st
 
 
 def part_throughput(labels, settings: Settings, matmul: dict[str, float]) -> dict[str, Any]:
-  cols = ["model", "params", "seq", "batch", "step_s", "tokens_per_s", "train_gflops_per_s", "compile_s"]
+  cols = ["model", "params", "seq", "batch", "step_s", "step_cpu_s", "tokens_per_s", "tokens_per_cpu_s", "compile_s"]
   rows = []
   print(f"\n== throughput: train step (fwd+bwd+AdamW), seq {settings.seq}, batch {settings.batch}, "
         f"size={settings.size}")
@@ -182,20 +193,23 @@ def part_throughput(labels, settings: Settings, matmul: dict[str, float]) -> dic
 
 
 def part_roofline(labels, settings: Settings, matmul: dict[str, float]) -> dict[str, Any]:
-  peak = matmul["gflops"]
-  cols = ["model", "train_gflop_per_step", "step_s", "train_gflops_per_s", "fraction_of_matmul", "aim", "met"]
+  peak, peak_cpu = matmul["gflops"], matmul["gflops_cpu"]
+  cols = ["model", "train_gflop_per_step", "step_cpu_s", "gflops_per_cpu_s", "fraction_of_matmul", "fraction_wall",
+          "aim", "met"]
   rows = []
-  print(f"\n== roofline: analytic train FLOPs / step time vs the float32 matmul ({peak:.1f} GFLOP/s, "
-        f"{matmul['n']}^3, best of {matmul['iters']}), seq {settings.seq}, batch {settings.batch}")
+  print(f"\n== roofline: analytic train FLOPs / step CPU time vs the float32 matmul ({peak_cpu:.1f} GFLOP per CPU s, "
+        f"{peak:.1f} GFLOP/s wall; {matmul['n']}^3, best of {matmul['iters']}), seq {settings.seq}, batch "
+        f"{settings.batch}; fraction_wall: the same with wall times")
   for label in labels:
     r = measure_train(label, settings, seq=settings.seq, batch=settings.batch)
-    row = {"model": label, "step_s": r["step_s"]}
+    row = {"model": label, "step_s": r["step_s"], "step_cpu_s": r["step_cpu_s"]}
     if r.get("train_flops_per_token") is None:
       row.update(note=r.get("flops_note"))
     else:
       row["train_gflop_per_step"] = r["train_flops_per_token"] * r["batch"] * r["seq"] / 1e9
-      row["train_gflops_per_s"] = r["train_gflops_per_s"]
-      row["fraction_of_matmul"] = r["train_gflops_per_s"] / peak
+      row["gflops_per_cpu_s"] = r["train_gflops_per_cpu_s"]
+      row["fraction_of_matmul"] = r["train_gflops_per_cpu_s"] / peak_cpu
+      row["fraction_wall"] = r["train_gflops_per_s"] / peak
       if label in ROOFLINE_AIMS:
         row["aim"] = ROOFLINE_AIMS[label]
         row["met"] = bool(row["fraction_of_matmul"] >= ROOFLINE_AIMS[label])
@@ -234,11 +248,11 @@ def part_compile(labels, settings: Settings, matmul: dict[str, float]) -> dict[s
 
 def part_scaling(labels, settings: Settings, matmul: dict[str, float], out_dir: str) -> dict[str, Any]:
   labels = [m for m in labels if m in SCALING_MODELS]
-  cols = ["model", "seq", "batch", "step_s", "us_per_token", "vs_ref"]
+  cols = ["model", "seq", "batch", "step_s", "step_cpu_s", "us_per_token", "vs_ref"]
   rows = []
   ref_seq = settings.scaling_seqs[1]
-  print(f"\n== scaling: train step time per token, batch max(1, {settings.scaling_tokens} // seq); vs_ref: time per "
-        f"token / that at {ref_seq}")
+  print(f"\n== scaling: train step time per token (CPU time, us), batch max(1, {settings.scaling_tokens} // seq); "
+        f"vs_ref: time per token / that at {ref_seq}")
   for label in labels:
     for seq in settings.scaling_seqs:
       batch = max(1, settings.scaling_tokens // seq)
@@ -300,7 +314,7 @@ def plot_scaling(rows, labels, crossovers, path: str) -> None:
       ax.axvline(x, linestyle=":", linewidth=0.8, color=ax.lines[-1].get_color())
   ax.set_xscale("log", base=2)
   ax.set_xlabel("sequence length (tokens)")
-  ax.set_ylabel("train step time per token (us)")
+  ax.set_ylabel("train step CPU time per token (us)")
   ax.set_title("Time per token vs length (dotted: where a memory model overtakes full attention)", fontsize=8)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
@@ -328,10 +342,11 @@ def _extend_cache(cache, prefilled: int, context: int):
 def part_decode(labels, settings: Settings, matmul: dict[str, float]) -> dict[str, Any]:
   from memarch.models import build_model  # noqa: PLC0415
 
-  cols = ["model", "context", "ms_per_token", "state_bytes", "note"]
+  cols = ["model", "context", "ms_per_token", "wall_ms_per_token", "state_bytes", "note"]
   rows = []
   contexts = settings.decode_contexts
-  print(f"\n== decode: decode_step latency (batch 1, {settings.decode_steps} chained steps) and state bytes; real "
+  print(f"\n== decode: decode_step latency (CPU ms per token, and wall; batch 1, {settings.decode_steps} chained "
+        f"steps) and state bytes; real "
         f"prefill of min(context, {settings.decode_prefill}) tokens")
   for label in labels:
     spec, overrides = spec_for(label, settings)
@@ -373,12 +388,14 @@ def part_decode(labels, settings: Settings, matmul: dict[str, float]) -> dict[st
       tok = tokens[:, -1]
       _, cache = decode(params, tok, cache)  # compile (once per model: the cache shapes do not change)
       jax.block_until_ready(cache)
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(settings.decode_steps):
         logits, cache = decode(params, tok, cache)
       jax.block_until_ready(logits)
       dt = (time.perf_counter() - t0) / settings.decode_steps
-      row = {"model": label, "context": c, "ms_per_token": 1e3 * dt, "state_bytes": state_bytes[c], "note": note}
+      dc = (time.process_time() - c0) / settings.decode_steps
+      row = {"model": label, "context": c, "ms_per_token": 1e3 * dc, "wall_ms_per_token": 1e3 * dt,
+             "state_bytes": state_bytes[c], "note": note}
       rows.append(row)
       _print_row(rows, row, cols)
   flat = {}
@@ -398,12 +415,13 @@ def measure_matmul(n: int = 2048, iters: int = 5) -> dict[str, Any]:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x).lower(a).compile()
   jax.block_until_ready(f(a))
-  best = math.inf
+  best, best_cpu = math.inf, math.inf
   for _ in range(iters):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t0)
-  return {"n": n, "iters": iters, "seconds": best, "gflops": 2 * n**3 / best / 1e9}
+    best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+  return {"n": n, "iters": iters, "seconds": best, "gflops": 2 * n**3 / best / 1e9,
+          "cpu_seconds": best_cpu, "gflops_cpu": 2 * n**3 / max(best_cpu, 1e-9) / 1e9}
 
 
 def main(argv: list[str]) -> None:
@@ -433,7 +451,8 @@ def main(argv: list[str]) -> None:
         f"{'quick (tiny configs)' if args.quick else 'full (small configs)'}", flush=True)
   start = time.perf_counter()
   matmul = measure_matmul(512 if args.quick else 2048)
-  print(f"float32 matmul {matmul['n']}^3: {matmul['gflops']:.1f} GFLOP/s (best of {matmul['iters']})")
+  print(f"float32 matmul {matmul['n']}^3: {matmul['gflops']:.1f} GFLOP/s wall, {matmul['gflops_cpu']:.1f} GFLOP per "
+        f"CPU second (best of {matmul['iters']})")
   common = {"settings": {"quick": args.quick, "size": settings.size, "seq": settings.seq, "batch": settings.batch,
                          "cores": cores, "budget_s": settings.budget_s}, "matmul": matmul}
   for part in what:
