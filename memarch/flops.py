@@ -20,7 +20,8 @@ Conventions (stated once, used by the roofline benchmark and the launch planner)
     linear scans (kernels.linear_scan_xla's custom VJP): the per-chunk `prep` (everything but the state pass
     and the output read) is recomputed group by group (+ that part);
     Titans' neural memory: the `jax.checkpoint`ed chunk body is recomputed (+ the whole chunk update and
-    reads, not the projections).
+    reads, not the projections). ATLAS options: the Omega rule widens every chunk's keys to b + c - 1; muon
+    adds Newton-Schulz (5 steps) on every token's momentum, which dominates (memory_chunk_flops).
   MoM counts the useful work: the router, the top-k routed memories and the shared memory per token (the
   "gather" implementation scans every memory over a buffer of `capacity(T)` tokens, T without a capacity
   factor, so it executes num_memories / top_k times the routed memories' work; `executed_forward` in its
@@ -194,34 +195,46 @@ def _memory_mlp_shapes(c) -> list[tuple[int, int]]:
 
 
 def _check_titans(c) -> None:
-  window = int(_get(c, "memory_objective_window", 1))
   opt = _get(c, "memory_optimizer", "momentum")
-  if window != 1 or opt not in ("momentum", "gd"):
-    raise NotImplementedError(
-        f"FLOPs of the ATLAS memory (memory_objective_window={window}, memory_optimizer={opt!r}) are not "
-        "modelled: its chunked form widens the closed form by the Omega window's band and runs Newton-Schulz "
-        "per token for muon (memarch.memory.neural._atlas_chunked_update); only the Titans rule "
-        "(window 1, momentum or gd) is counted.")
+  if opt not in ("momentum", "gd", "muon"):
+    raise NotImplementedError(f"no FLOP model for memory_optimizer={opt!r} (known: momentum, gd, muon).")
+
+
+def _newton_schulz_flops(din: int, dout: int, steps: int = 5) -> float:
+  """`memarch.memory.neural.newton_schulz` on one [din, dout] matrix: per step X X^T, M M and (.) X."""
+  m, n = min(din, dout), max(din, dout)
+  return steps * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
 
 
 def memory_chunk_flops(c, chunk_tokens: int, read: str | None = None) -> float:
   """Per token and head: the chunked update of `memarch.memory.neural.chunked_update` (all recomputed in the
-  backward: its chunk body is `jax.checkpoint`ed). Per chunk of b tokens and layer (d_in, d_out): the forward
-  at W_0 on the keys, the hand backward (delta W^T), the reads diag(beta) Z W_0 + diag(b) Z S_0 - (C * Z X^T)
-  Delta, and the end state's W and S updates; plus the coefficients C = ratio(alpha) ratio(eta) (b^3)."""
+  backward: its chunk body is `jax.checkpoint`ed). Per chunk of b tokens whose gradients see e = b + c - 1 keys
+  (c: the Omega rule's window; 1 for Titans) and per layer (d_in, d_out):
+    momentum / gd (closed form): the forward at W_0 on the keys, the hand backward (delta W^T), the reads
+      diag(beta) Z W_0 + diag(b) Z S_0 - (C * Z X^T) Delta, the end state's W and S; the coefficients C (b^3);
+    muon (every token at once): the forward and backward at W_0, each token's window gradient G_t (b e d_in
+      d_out), the momentum and weight closed forms (b^2 d_in d_out each), Newton-Schulz on every token's
+      momentum, each token's read through its own weights."""
   b = max(1, chunk_tokens)
+  e = b + int(_get(c, "memory_objective_window", 1)) - 1
   read = read or _get(c, "memory_read", "after")
+  opt = _get(c, "memory_optimizer", "momentum")
   shapes = _memory_mlp_shapes(c)
-  per_chunk = 2 * b**3  # C[t, i] = sum_j (beta_t / beta_j)(E_j / E_i) theta_i
+  per_chunk = 0.0 if opt == "muon" else 2 * b**3  # C[t, i] = sum_j (beta_t / beta_j)(E_j / E_i) theta_i
   for l, (din, dout) in enumerate(shapes):
-    per_chunk += 2 * b * din * dout  # forward on the keys at W_0
+    per_chunk += 2 * e * din * dout  # forward on the keys at W_0
     if l > 0:
-      per_chunk += 2 * b * dout * din  # delta @ W^T
+      per_chunk += 2 * e * dout * din  # delta @ W^T
+    if opt == "muon":
+      per_chunk += 2 * b * e * din * dout + 2 * 2 * b * b * din * dout  # G_t; S_t and W_t closed forms
+      per_chunk += b * _newton_schulz_flops(din, dout)
+      per_chunk += 2 * b * din * dout  # reads (chunk_start: the same product with W_0)
+      continue
     if read == "chunk_start":
       per_chunk += 2 * b * din * dout
     else:
-      per_chunk += 2 * 2 * b * din * dout + 2 * b * b * din + 2 * b * b * dout  # Z W_0, Z S_0, Z X^T, (.) Delta
-    per_chunk += 2 * 2 * din * b * dout  # W_end and S_end
+      per_chunk += 2 * 2 * b * din * dout + 2 * b * e * din + 2 * b * e * dout  # Z W_0, Z S_0, Z X^T, (.) Delta
+    per_chunk += 2 * 2 * din * e * dout  # W_end and S_end
   return per_chunk / b
 
 

@@ -30,6 +30,8 @@ CASES = {
     "gated_deltanet": ("configs/gated_deltanet.py:size=tiny",
                        ['model.layer_blocks=("linear_memory", "mlp")', "model.chunk_size=32", "model.scan_impl=xla"]),
     "titans_lmm": ("configs/titans.py:variant=lmm,size=tiny", ["model.memory_chunk_size=32"]),
+    # ATLAS: Omega window 8, muon (Newton-Schulz on every token's momentum), polynomial features.
+    "titans_atlas": ("configs/titans.py:variant=atlas,size=tiny", ["model.memory_chunk_size=32"]),
 }
 
 
@@ -89,8 +91,10 @@ def test_every_family_has_a_count():
   entry = flops.model_flops(mom, 2048)["by_layer"]["mom"]
   assert entry["executed_forward"] > entry["forward"]  # the gather implementation scans every memory
   atlas, _ = harness.model_config("configs/titans.py:variant=atlas,size=small")
-  with pytest.raises(NotImplementedError, match="ATLAS"):
-    flops.model_flops(atlas, 2048)
+  lmm, _ = harness.model_config("configs/titans.py:variant=lmm,size=small")
+  # Newton-Schulz on every token's momentum makes the ATLAS memory several times the Titans one.
+  assert (flops.model_flops(atlas, 2048)["by_layer"]["neural_memory"]["forward"]
+          > 3 * flops.model_flops(lmm, 2048)["by_layer"]["neural_memory"]["forward"])
   with pytest.raises(ValueError, match="seq_len"):
     flops.model_flops(mom, 0)
 
