@@ -50,6 +50,9 @@ def model_config(size: str, max_len: int) -> ml_collections.ConfigDict:
   # layers); parameters under layers/ with a leading [num_layers] axis (memarch.models.lm.stack_layer_params
   # converts unscanned checkpoints), so it is off by default.
   c.scan_layers = False
+  # Recompute every block in the backward (nn.remat): activations kept per layer shrink to the block's input, for
+  # one more forward; same parameters (experiments.benchmark plan shows the memory either way).
+  c.remat = False
   return c
 
 

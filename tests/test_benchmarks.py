@@ -132,3 +132,25 @@ def test_scan_layers_ffn_input_of_the_last_layer_only():
   np.testing.assert_allclose(hs["ffn_input"], hu["ffn_input"], atol=1e-5)
   with pytest.raises(NotImplementedError, match="scan_layers"):
     ms.apply({"params": ps}, tokens, return_hidden=True, ffn_layer=0)
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_remat_keeps_parameters_loss_and_gradients(scan):
+  plain = _tiny("configs/transformer.py:size=tiny", ['model.layer_blocks=("attention", "mlp")'], num_layers=2,
+                scan_layers=scan)
+  remat = _tiny("configs/transformer.py:size=tiny", ['model.layer_blocks=("attention", "mlp")'], num_layers=2,
+                scan_layers=scan, remat=True)
+  mp, mr = build_model(plain), build_model(remat)
+  tokens = jax.random.randint(jax.random.key(3), (2, 10), 1, plain.vocab_size)
+  params = nn.meta.unbox(jax.jit(mp.init)(jax.random.key(4), tokens))["params"]
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(mr.init(jax.random.key(4), tokens))["params"])
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)  # a checkpoint loads either way
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)))(params)
+  (lp, gp), (lr, gr) = loss(mp), loss(mr)
+  np.testing.assert_allclose(lr, lp, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gp)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  # The cached path runs through the rematerialized blocks too.
+  logits = jax.jit(lambda p, t: mr.apply({"params": p}, t))(params, tokens)
+  out, _ = jax.jit(lambda p, t, c: mr.apply({"params": p}, t, c, method=mr.prefill))(params, tokens, mr.init_cache(2, 16))
+  np.testing.assert_allclose(out, logits, atol=1e-5)

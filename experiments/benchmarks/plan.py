@@ -24,9 +24,10 @@ Prints (and writes bench_results/plan_<config>_<device>.json):
 The activation model counts, per token and block, the tensors a block keeps for its backward (residual input,
 normed input, projections, attention outputs and statistics, gates; chunk-start states of the scans and the
 Titans memory's per-chunk weights in float32) in the compute dtype; tensors with a heads / MLP / vocabulary
-axis are split over `tensor`, the residual stream is not. With rematerialization only each block's input is
-kept (plus one block's activations while it is recomputed). DecoderLM has no remat option yet: the "with remat"
-column says what one would buy. Estimates, not measurements: XLA's buffer assignment reuses and fuses buffers.
+axis are split over `tensor`, the residual stream is not. With rematerialization (`--set model.remat=True`,
+memarch.models.lm) only each block's input is kept (plus one block's activations while it is recomputed): the
+"fits" line says which of the two a config needs. Estimates, not measurements: XLA's buffer assignment reuses
+and fuses buffers.
 """
 
 from __future__ import annotations
@@ -332,7 +333,8 @@ def report(p: dict[str, Any]) -> str:
                       {"memory per device": "total (per-layer remat)", "size": _gib(p["total_per_device_bytes_remat"])},
                       {"memory per device": "usable HBM (90%)", "size": _gib(p["usable_hbm_bytes"])}],
                    ["memory per device", "size"]),
-      f"fits: {'yes' if p['fits'] else 'no'} (with per-layer remat: {'yes' if p['fits_with_remat'] else 'no'}); "
+      f"fits: {'yes' if p['fits'] else 'no'} (with per-layer remat, model.remat=True: "
+      f"{'yes' if p['fits_with_remat'] else 'no'}); "
       f"decoding state per sequence at seq {cfg['seq']}: {_gib(p['decode_state_bytes_per_sequence'])}",
       "",
       format_table([{"communication": k, "GiB per device": v / 2**30, "axis GB/s": p["axis_bandwidth_gbs"][AXIS_OF[k]],

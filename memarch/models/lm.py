@@ -12,6 +12,10 @@ stays flat in depth. The parameters then live under `layers/` with a leading `[n
 "layers"), and the decoding cache's "layers" is a tuple with one entry per block of the group, stacked over
 the groups, instead of a list per block: `stack_layer_params` / `unstack_layer_params` convert parameters
 (checkpoints) between the two layouts. `ffn_layer` can then name only a feed-forward block of the last group.
+
+`config.model.remat` (default False) rematerializes every block (every group with scan_layers) in the backward
+pass (`nn.remat`): the forward keeps only each block's input, at the cost of a second forward. The parameters
+are the same, so checkpoints load either way.
 """
 
 from __future__ import annotations
@@ -79,13 +83,15 @@ class DecoderLM(nn.Module):
     elif c.get("position_embedding", "none") != "none":
       raise ValueError(f"model.position_embedding must be 'none' or 'learned', got {c.position_embedding!r}.")
     if c.get("scan_layers", False):
+      group = nn.remat(_LayerGroup, prevent_cse=False) if c.get("remat", False) else _LayerGroup
       scanned = nn.scan(
-          _LayerGroup, variable_axes={"params": 0, "losses": 0, "metrics": 0}, split_rngs={"params": True},
+          group, variable_axes={"params": 0, "losses": 0, "metrics": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
       self.layers = scanned(c, name="layers")
     else:
-      self.blocks = [get_block(n)(c, name=f"block_{i}_{n}") for i, n in enumerate(self.block_names)]
+      wrap = nn.remat if c.get("remat", False) else (lambda cls: cls)  # same parameter names either way
+      self.blocks = [wrap(get_block(n))(c, name=f"block_{i}_{n}") for i, n in enumerate(self.block_names)]
       self.norms = [RMSNorm(c.norm_eps, name=f"norm_{i}") for i in range(len(self.block_names))]
     self.final_norm = RMSNorm(c.norm_eps, name="final_norm")
     if not c.tie_embeddings:
