@@ -906,7 +906,7 @@ def _muon_chunk_step(carry, cx, *, spec: MemorySpec, read: str):
 def _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, chunk_size, read, gamma, window,
                           window_state, optimizer):
   """`chunked_update` with the ATLAS options (section comment): the band-widened closed form for gd and
-  momentum, a scan inside each chunk for muon."""
+  momentum, every token of a chunk at once around a batched Newton-Schulz for muon (`_muon_chunk_step`)."""
   dt = _compute_dtype(weights, momentum, k, v, q, theta, eta, alpha, gamma, window_state)
   carry = _cast((tuple(weights), tuple(momentum)), dt)
   if k.shape[1] == 0:
@@ -921,17 +921,16 @@ def _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, c
   kx, vx = (jnp.transpose(_extended(x, n, b, window), (1, 0, 3, 2, 4)) for x in (kf, vf))  # [n, B, H, e, ..]
   gx = jnp.transpose(_extended(gf, n, b, window), (1, 0, 3, 2))  # [n, B, H, e]
   band = _band(b, window, dt)
+  # Batch and heads folded into one axis, as in `chunked_update` (no leading axis of size 1 at batch 1).
+  bsz, heads = k.shape[0], k.shape[2]
+  fold = lambda x: x.reshape((x.shape[0], bsz * heads) + x.shape[3:])
+  kx, vx, qc, thc, etc, alc, gx = (fold(x) for x in (kx, vx, qc, thc, etc, alc, gx))
+  carry = jax.tree.map(lambda w: w.reshape((bsz * heads,) + w.shape[2:]), carry)
   if optimizer == "muon":
-    wgt = band * gx[..., None, :]  # [n, B, H, b, e]
+    wgt = band * gx[..., None, :]  # [n, B*H, b, e]
     valid = jnp.asarray(np.arange(total).reshape(n, b) < t)
-    # Batch and heads folded into one axis, as in `chunked_update` (no leading axis of size 1 at batch 1).
-    bsz, heads = k.shape[0], k.shape[2]
-    fold = lambda x: x.reshape((x.shape[0], bsz * heads) + x.shape[3:])
-    carry = jax.tree.map(lambda w: w.reshape((bsz * heads,) + w.shape[2:]), carry)
     body = jax.checkpoint(functools.partial(_muon_chunk_step, spec=spec, read=read))
-    carry, reads = jax.lax.scan(body, carry, tuple(fold(x) for x in (kx, vx, qc, thc, etc, alc, wgt)) + (valid,))
-    carry = jax.tree.map(lambda w: w.reshape((bsz, heads) + w.shape[1:]), carry)
-    reads = reads.reshape((n, bsz, heads) + reads.shape[2:])
+    carry, reads = jax.lax.scan(body, carry, (kx, vx, qc, thc, etc, alc, wgt, valid))
   else:
     read_co, end_co = _read_and_end_coefficients(thc, etc, alc, read, (t - 1) % b)
     widen = lambda m: jnp.einsum("...tj,ji->...ti", m, band) * gx[..., None, :]  # C -> C Band diag(gamma)
@@ -940,8 +939,9 @@ def _atlas_chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec, c
     be, bse, ee, ce, see = end_co
     end_co = (be, bse, ee, widen(ce[..., None, :])[..., 0, :], widen(see[..., None, :])[..., 0, :])
     body = jax.checkpoint(lambda c, x: _chunk_step(c, x, spec=spec))
-    carry, reads = jax.lax.scan(body, carry, (kx, vx, qc, read_co, end_co))  # reads [n, B, H, b, d]
-  return _seq_major(reads, t), carry
+    carry, reads = jax.lax.scan(body, carry, (kx, vx, qc, read_co, end_co))  # reads [n, B*H, b, d]
+  carry = jax.tree.map(lambda w: w.reshape((bsz, heads) + w.shape[1:]), carry)
+  return _seq_major(reads.reshape((n, bsz, heads) + reads.shape[2:]), t), carry
 
 
 def _atlas_step(weights, momentum, k, v, q, theta, eta, alpha, spec, read, gamma, window, window_state, optimizer):
