@@ -513,7 +513,7 @@ def chunked_update(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySp
     chunk_size: b, tokens per chunk whose gradients share the chunk's starting weights.
     read: "after" | "before" | "chunk_start" (module docstring).
     gamma, window, window_state, optimizer: the ATLAS options as `reference_update` (section "ATLAS options":
-      gd and momentum by the closed form widened by the window's band, muon by a scan over each chunk's tokens).
+      gd and momentum by the closed form widened by the window's band, muon per chunk around a batched NS5).
       The window state after the call is `next_window(window_state, k, v, gamma, window)`.
 
   Returns:
@@ -634,9 +634,11 @@ def step(weights, momentum, k, v, q, theta, eta, alpha, spec: MemorySpec, *, rea
 # X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = (3.4445, -4.7750, 2.0315), after X = S / ||S||_F), as in the
 # Muon optimizer: theta is the step size of the orthogonalized momentum (ATLAS writes its learning rate inside the
 # momentum; NS5 removes the momentum's scale, so only the step after it bounds the update). Muon is not linear in
-# the momentum, so the closed form over a chunk does not hold: `chunked_update` runs a `lax.scan` over the
-# chunk's tokens (the gradients still all at W_0, computed at once by the hand backward), materializing one
-# (W_t, S_t) at a time; it equals `minibatch_reference` (and with chunk_size 1, `reference_update`).
+# the momentum, so the Titans closed form over a chunk does not hold; but with every gradient at W_0 (the hand
+# backward), S_t and W_t are each a linear recurrence inside the chunk: `chunked_update` computes every token's
+# S_t in closed form, NS5 of all of them in one batched call, then every W_t in closed form (`_muon_chunk_step`),
+# materializing the chunk's b weight matrices per layer; it equals `minibatch_reference` (and with chunk_size 1,
+# `reference_update`).
 #
 # Feature maps (`poly_features`, `elementwise_poly_features`) are applied to keys and queries by the layer;
 # a map that changes their size is described by MemorySpec.in_dim.
