@@ -13,15 +13,11 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from experiments import sweep
+from experiments.benchmarks import harness
 from memarch import data as data_lib
-from memarch import sharding as shard_lib
-from memarch.models import build_model
-from memarch.optim import make_optimizer, make_schedule
-from memarch.train import create_train_state, make_train_step, resolve_model_config
+from memarch.train import resolve_model_config
 
 MODELS = {
     "mom": "configs/mom.py:size=tiny",
@@ -45,20 +41,11 @@ def main() -> None:
   for label in args.models.split(","):
     spec = MODELS[label]
     config = sweep.prepare(spec, "mqar256", [f"train.batch_size={args.batch}"], 3e-3)
-    model = build_model(resolve_model_config(config, data_lib.data_info(config.data)))
-    schedule = make_schedule(config.optim, config.train.steps)
-    optimizer = make_optimizer(config.optim, config.train.steps)
-    mesh = shard_lib.make_mesh(config.mesh)
-    rules = shard_lib.logical_rules(config.mesh)
-    state, _ = create_train_state(model, optimizer, seq_len=config.data.seq_len, rng=jax.random.key(0), mesh=mesh,
-                                  rules=rules)
+    model_cfg = resolve_model_config(config, data_lib.data_info(config.data))
     t = config.data.seq_len
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, model.config.vocab_size, (args.batch, t + 1)).astype(np.int32)
-    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-             "loss_mask": jnp.ones((args.batch, t), jnp.float32)}
+    # The train step (forward, backward, AdamW) on random tokens: experiments.benchmarks.harness.
+    step, state, batch, mesh = harness.train_step_setup(model_cfg, config, batch=args.batch, seq=t)
     with jax.set_mesh(mesh):
-      step = jax.jit(make_train_step(model, optimizer, schedule))
       t0 = time.perf_counter()
       state, m = step(state, batch)
       jax.block_until_ready(m)
