@@ -16,6 +16,11 @@ size) next to it.
   mqar256   MQAR (Zoology), trained on Zoology's mixture (64,4) (128,8) (256,16) (256,32) (256,64), evaluated
             at seq 256 with 16, 32 and 64 key-value pairs, vocabulary 512
   passkey1k passkey retrieval trained at 1024 tokens, evaluated at 1x, 4x and 16x that length
+  passkey512 passkey retrieval trained at 512 tokens, evaluated at 512 and 2048 (HMT's results: 4x and 16x its
+            128-token segment)
+  mqar512far MQAR with uniformly placed queries (power_a 1: most queries several 128-token segments after their
+            keys), trained on the mixture (128, 8) (512, 16), evaluated at (512, 16) and (2048, 16) (generated in
+            memory: the 2048 set is longer than the training rows), vocabulary 512
   (none)    keep each config's own data section (then they must agree: checked)
 `--set key=value` overrides apply to every config (values parsed as Python literals where possible).
 """
@@ -38,7 +43,7 @@ import numpy as np
 
 from configs import common
 
-TASKS = ("mqar256", "passkey1k")
+TASKS = ("mqar256", "passkey1k", "passkey512", "mqar512far")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -91,6 +96,14 @@ def task_data(task: str) -> ml_collections.ConfigDict:
                             num_eval_examples=256)
   if task == "passkey1k":
     return common.passkey_data(seq_len=1024, eval_multiples=(1, 4, 16))
+  if task == "passkey512":
+    return common.passkey_data(seq_len=512, eval_multiples=(1, 4), num_eval_examples=32)
+  if task == "mqar512far":
+    c = common.mqar_data(vocab_size=512, settings=((128, 8), (512, 16)), eval_settings=((512, 16), (2048, 16)),
+                         num_train_examples=20_000, num_eval_examples=64)
+    c.mqar.power_a = 1.0  # uniform gaps: a query is on average a quarter of the sequence after the keys
+    c.mqar.use_tfds = False  # the 2048 eval set is longer than the training rows (not storable in one TFDS build)
+    return c
   raise ValueError(f"unknown --task {task!r}; known: {TASKS}.")
 
 

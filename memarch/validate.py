@@ -315,8 +315,17 @@ def check_data(d: Any) -> None:
     q = d.mqar
     _int("data", q, "num_train_examples", minimum=1)
     _int("data", q, "num_eval_examples", minimum=1)
-    for key in ("settings", "eval_settings"):
-      synthetic.validate_settings(q[key], seq_len, int(d.vocab_size), float(q.power_a), what=f"config.data.mqar.{key}")
+    synthetic.validate_settings(q.settings, seq_len, int(d.vocab_size), float(q.power_a),
+                                what="config.data.mqar.settings")
+    # Eval settings may be longer than the training length (length generalization) when generated in memory;
+    # the TFDS builder stores every row at data.seq_len.
+    longer = [tuple(s) for s in q.eval_settings if int(s[0]) > seq_len]
+    if longer and q.get("use_tfds", False):
+      _fail("data", "mqar.eval_settings", tuple(map(tuple, q.eval_settings)),
+            f"has settings {longer} longer than data.seq_len={seq_len}: the TFDS build stores every row at "
+            "data.seq_len; set --config.data.mqar.use_tfds=False to generate them in memory at their own length.")
+    synthetic.validate_settings(q.eval_settings, seq_len, int(d.vocab_size), float(q.power_a),
+                                what="config.data.mqar.eval_settings", allow_longer=True)
   elif name == "passkey":
     from memarch.data import passkey  # pylint: disable=g-import-not-at-top
 

@@ -538,3 +538,30 @@ def test_tfds_text_dataset(tmp_path):
   c.text_key = "body"
   with pytest.raises(ValueError, match="no feature 'body'"):
     D.create_train_iterator(c, batch_size=4, seed=0)
+
+
+def test_mqar_eval_setting_longer_than_training_length():
+  """Length generalization: train rows at data.seq_len, an eval set at its own longer length (generated in
+  memory); the TFDS build, which stores every row at data.seq_len, refuses it with the fix in the message."""
+  from memarch.validate import validate_config  # noqa: PLC0415
+  from experiments.sweep import load_config  # noqa: PLC0415
+
+  c = mqar_data(vocab_size=256, settings=((64, 4),), eval_settings=((64, 4), (256, 4)), num_eval_examples=6)
+  c.mqar.power_a = 1.0  # uniform query gaps: queries far from their keys at 256
+  c.mqar.use_tfds = False
+  batches = pipeline.create_eval_batches(c, batch_size=4)
+  assert batches["mqar_T64_kv4"][0]["inputs"].shape == (4, 64)
+  assert batches["mqar_T256_kv4"][0]["inputs"].shape == (4, 256)
+  long = synthetic.mqar_eval_sets(seed=0, vocab_size=256, eval_settings=((256, 4),), num_examples=6, seq_len=64,
+                                      power_a=1.0)
+  np.testing.assert_array_equal(np.concatenate([b["targets"] for b in batches["mqar_T256_kv4"]])[:6],
+                                long["mqar_T256_kv4"]["targets"])
+  assert long["mqar_T256_kv4"]["loss_mask"][:, 128:].sum() > 0  # some queries past the 64-token training length
+
+  config = load_config("configs/transformer.py:size=tiny")
+  with config.unlocked():
+    config.data = c
+  validate_config(config)
+  config.data.mqar.use_tfds = True
+  with pytest.raises(ValueError, match=r"longer than data\.seq_len=64: the TFDS build .*use_tfds=False"):
+    validate_config(config)

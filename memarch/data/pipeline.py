@@ -103,6 +103,8 @@ class ArraySource:
       raise ValueError(f"ArraySource: arrays of different lengths {lengths}.")
     self.arrays = dict(arrays)
     self._len = lengths.pop()
+    if "inputs" in self.arrays and self.arrays["inputs"].ndim == 2:
+      self.seq_len = int(self.arrays["inputs"].shape[1])  # an eval set may be longer than data.seq_len
 
   def __len__(self) -> int:
     return self._len
@@ -332,8 +334,8 @@ def create_eval_batches(
       validation split is not materialized whole; 0: all of it.
 
   Returns:
-    {eval set name: [batch, ...]}, each batch a dict with BATCH_KEYS of [B, data.seq_len] arrays (passkey:
-    [B, that set's length]).
+    {eval set name: [batch, ...]}, each batch a dict with BATCH_KEYS of [B, data.seq_len] arrays (passkey,
+    and MQAR eval settings longer than data.seq_len: [B, that set's length]).
     Finite and deterministic: over all hosts every held-out example appears exactly once (host i takes
     examples i, i+P, ...); the last batches are filled with loss_mask-0 padding rows (pad tokens) so
     every batch has the same shape and every host the same number of batches. Text with

@@ -178,8 +178,9 @@ def setting_rng(seed: int, split: str, seq_len: int, num_kv_pairs: int) -> np.ra
 
 
 def validate_settings(settings: Sequence[Sequence[int]], seq_len: int, vocab_size: int, power_a: float, *,
-                      what: str = "data.mqar.settings") -> None:
-  """Raises ValueError if any (T, k) of a mixture cannot be generated or is longer than seq_len.
+                      what: str = "data.mqar.settings", allow_longer: bool = False) -> None:
+  """Raises ValueError if any (T, k) of a mixture cannot be generated or is longer than seq_len (unless
+  `allow_longer`: eval settings may exceed the training length, as passkey's eval lengths do).
 
   The message names `what` (the config key holding the settings) and the offending (T, k) setting."""
   if not settings:
@@ -188,7 +189,7 @@ def validate_settings(settings: Sequence[Sequence[int]], seq_len: int, vocab_siz
     if len(setting) != 2:
       raise ValueError(f"MQAR: each setting of {what} is a (seq_len, num_kv_pairs) pair, got {tuple(setting)}.")
     t, k = int(setting[0]), int(setting[1])
-    if t > seq_len:
+    if t > seq_len and not allow_longer:
       raise ValueError(
           f"MQAR: setting (seq_len={t}, num_kv_pairs={k}) of {what} is longer than data.seq_len={seq_len}; "
           f"raise data.seq_len to at least {t}.")
@@ -241,14 +242,17 @@ def mqar_eval_sets(
     seq_len: int,
     power_a: float = 0.01,
 ) -> dict[str, dict[str, np.ndarray]]:
-  """One held-out set per eval setting, keyed by `setting_name(T, k)`; arrays [num_examples, seq_len]."""
-  validate_settings(eval_settings, seq_len, vocab_size, power_a, what="data.mqar.eval_settings")
+  """One held-out set per eval setting, keyed by `setting_name(T, k)`; arrays [num_examples, max(T, seq_len)].
+
+  A setting longer than the training length seq_len is kept at its own length T: it measures length
+  generalization (train at 512, evaluate at 2048)."""
+  validate_settings(eval_settings, seq_len, vocab_size, power_a, what="data.mqar.eval_settings", allow_longer=True)
   names = [setting_name(int(t), int(k)) for t, k in eval_settings]
   if len(set(names)) != len(names):
     raise ValueError(f"MQAR: the eval settings have duplicates: {tuple(map(tuple, eval_settings))}.")
   return {
       setting_name(int(t), int(k)): mqar_mixture(
           seed=seed, split="eval", vocab_size=vocab_size, settings=[(t, k)],
-          num_examples_per_setting=num_examples, seq_len=seq_len, power_a=power_a)
+          num_examples_per_setting=num_examples, seq_len=max(int(t), seq_len), power_a=power_a)
       for t, k in eval_settings
   }
