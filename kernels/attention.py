@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels import attention_common as common
 from kernels.attention_reference import attention_reference
-from kernels.attention_xla import xla_backward, xla_forward
+from kernels.attention_xla import cache_attention, xla_backward, xla_forward
 from kernels.dispatch import resolve_impl, warn_fallback
 
 # Block sizes of the xla path on CPU, tuned with `python -m experiments.benchmark attention` (2-core CPU):
@@ -88,6 +88,7 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     impl: str = "auto",
+    decode: bool = False,
 ):
   """Softmax attention.
 
@@ -104,6 +105,10 @@ def attention(
     scale: defaults to `head_dim ** -0.5`.
     return_lse: also return the float32 log-sum-exp `[batch, q_len, heads]` (-inf where nothing is visible).
     impl: one of `kernels.dispatch.IMPLS`.
+    decode: the call reads a KV cache for a few new queries (a decode step) and is never differentiated. With
+      the "xla" impl, causal, no prefix keys, no segments and k_offset 0, it then runs
+      `attention_xla.cache_attention` on the cache's own layout (no O(capacity) copy per step); otherwise
+      it changes nothing.
 
   Returns:
     `o` `[batch, q_len, heads, v_dim]` in q's dtype, or `(o, lse)` if return_lse.
@@ -122,6 +127,10 @@ def attention(
       causal=causal, window=window, num_prefix=num_prefix, q_offset=q_offset, k_offset=k_offset,
       kv_lengths=kv_lengths, q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale,
   )
+  if (decode and impl == "xla" and causal and not num_prefix and q_seg is None and not return_lse
+      and isinstance(k_offset, numbers.Integral) and k_offset == 0):
+    lengths = jnp.full((b,), k.shape[1], jnp.int32) if kv_lengths is None else kv_lengths
+    return cache_attention(q, k, v, q_offset=q_offset, kv_lengths=lengths, window=window, scale=scale)
   if impl == "reference":
     o, lse = attention_reference(q, k, v, **kwargs)
   else:

@@ -178,3 +178,58 @@ def xla_backward(geo: Geometry, q, k, v, o, lse, do, dlse, ints: Ints):
   dq, dk, dv = carry
   dq = jnp.moveaxis(dq, 2, 4).reshape(b, geo.heads, geo.tq_pad, geo.head_dim)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def cache_attention(q, k, v, *, q_offset, kv_lengths, window, scale, block_k: int = 512):
+  """Attention of a few new queries over a KV cache in the cache's own layout: the decoding fast path.
+
+  q `[b, tq, h, d]` (tq small: the tokens of one decode step), k/v `[b, T, hkv, d|dv]` (a cache of capacity
+  T, slots 0..kv_lengths[b]-1 filled, slot r at position r), causal from query positions q_offset + i, an
+  optional `window`. Returns o `[b, tq, h, dv]` in q's dtype.
+
+  `attention` would first copy the whole cache into its padded [b, h, T, d] layout, an O(capacity) copy per
+  layer per step (measured: a small Transformer++'s decode step took 4.6 ms with a 1k cache and 150 ms with a
+  64k one, for the same 1k-token context). Here a `fori_loop` reads only the key blocks below the longest
+  length (and inside the window), sliced straight from the cache. Forward only: the loop's bounds are traced,
+  so it is not reverse-differentiable (decoding never is).
+  """
+  b, tq, h, d = q.shape
+  t, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  bk = min(block_k, t)
+  qg = q.reshape(b, tq, hkv, g, d)
+  q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (b,))
+  lengths = jnp.asarray(kv_lengths, jnp.int32)
+  qpos = q_offset[:, None] + jnp.arange(tq, dtype=jnp.int32)[None]  # [b, tq]
+  hi_key = jnp.minimum(jnp.max(lengths), jnp.max(qpos) + 1)  # exclusive
+  hi = jnp.minimum((hi_key + bk - 1) // bk, -(-t // bk))
+  lo = jnp.int32(0)
+  if window is not None:
+    lo = jnp.maximum(0, (jnp.min(qpos) - int(window) + 1) // bk)
+
+  def body(j, carry):
+    m, l, acc = carry
+    start = j * bk
+    s0 = jnp.minimum(start, t - bk)  # dynamic_slice would clamp the last block; its overlap is masked below
+    kb = lax.dynamic_slice_in_dim(k, s0, bk, axis=1)
+    vb = lax.dynamic_slice_in_dim(v, s0, bk, axis=1)
+    s = _dot("bqhgd,bkhd->bhgqk", qg, kb) * scale
+    kpos = s0 + jnp.arange(bk, dtype=jnp.int32)  # [bk]
+    vis = (kpos[None, None] >= start) & (kpos[None, None] < lengths[:, None, None])
+    vis = vis & (kpos[None, None] <= qpos[:, :, None])  # [b, tq, bk]
+    if window is not None:
+      vis = vis & (qpos[:, :, None] - kpos[None, None] < int(window))
+    s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - safe[..., None])
+    corr = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
+    l = l * corr + jnp.sum(p, axis=-1)
+    acc = acc * corr[..., None] + _dot("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb)
+    return m_new, l, acc
+
+  init = (jnp.full((b, hkv, g, tq), -jnp.inf, _F32), jnp.zeros((b, hkv, g, tq), _F32),
+          jnp.zeros((b, hkv, g, tq, v.shape[-1]), _F32))
+  _, l, acc = lax.fori_loop(lo, hi, body, init)
+  o = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a query that sees nothing reads 0, as `attention` defines
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, v.shape[-1]).astype(q.dtype)

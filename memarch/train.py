@@ -319,8 +319,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
       steps, start, tokens_per_step=config.train.batch_size * config.data.seq_len, mode=config.train.progress,
       enabled=is_main,
   )
+  # DecoderLM's registry name is "transformer" whatever its blocks: name the blocks too (an LMM run would
+  # otherwise announce itself as a transformer).
+  blocks = model_config.get("layer_blocks")
+  arch = f"{model_config.name} [{', '.join(blocks)}] x {model_config.num_layers}" if blocks else model_config.name
   progress.message(
-      f"memarch: {model_config.name} ({n_params:,} parameters) on {config.data.name}, mesh "
+      f"memarch: {arch} ({n_params:,} parameters) on {config.data.name}, mesh "
       f"{dict(mesh.shape)}, steps {start}->{steps}, workdir {workdir}"
   )
 

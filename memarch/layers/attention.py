@@ -15,6 +15,9 @@ from memarch.layers.common import (apply_rope, constrain, dense, dense_init, dty
 
 HEADS_ACT = ("act_batch", "act_length", "act_heads", None)  # q, k, v, o: [batch, seq, heads, head_dim]
 CACHE_ACT = ("act_batch", None, "act_heads", None)  # the KV cache [batch, max_len, kv_heads, head_dim]
+# A cache call with at most this many new tokens is a decode step: kernels.attention(decode=True) reads the
+# cache in place instead of copying all of it into the kernel's layout (prefill keeps the blocked kernel).
+DECODE_MAX_TOKENS = 16
 
 class Attention(nn.Module):
   """Causal multi-head self-attention with RoPE and GQA.
@@ -68,7 +71,7 @@ class Attention(nn.Module):
       lengths = jnp.full((x.shape[0],), cache_index + t, jnp.int32)
       o = shard_lib.attention(
           q, ck.astype(dtype), cv.astype(dtype), causal=True, window=window, q_offset=cache_index,
-          kv_lengths=lengths, impl=c.attention_impl,
+          kv_lengths=lengths, impl=c.attention_impl, decode=t <= DECODE_MAX_TOKENS,
       )
       new_cache = {"k": constrain(ck, CACHE_ACT), "v": constrain(cv, CACHE_ACT)}
     y = dense(o, wo, contract=2)
