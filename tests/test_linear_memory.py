@@ -207,6 +207,8 @@ def lm(**overrides):
 @pytest.mark.parametrize("overrides", [
     # gated delta (with convs) and Based in one stack; the second case: Hebbian decaying memory, no convs
     dict(memory_rule="gated_delta", layer_blocks=("linear_memory", "based"), num_layers=1),
+    # the Based model's own stack: sliding-window attention (a window-sized cache) and Based
+    dict(layer_blocks=("attention", "based"), window=3, num_layers=1),
     pytest.param(dict(memory_rule="simple_gla", conv_width=0, layer_blocks=("linear_memory",), num_layers=2),
                  marks=pytest.mark.slow),
 ])

@@ -136,3 +136,19 @@ def test_generate_greedy_matches_argmax_loop_and_checks_length():
   assert sampled.shape == (2, 9) and int(sampled.max()) < VOCAB
   with pytest.raises(ValueError, match="exceed cache_len"):
     generate(model, params, prompt, max_new_tokens=10, cache_len=8)
+
+
+def test_sliding_window_cache_has_a_fixed_size():
+  """With model.window the attention cache keeps the last `window` keys only: its size does not depend on the
+  context, and decoding runs past any preallocated length, equal to the parallel forward."""
+  model, params, tokens = make_model(window=4)
+  small, large = model.init_cache(2, 4), model.init_cache(2, 4096)
+  shapes = lambda c: [x.shape for x in jax.tree.leaves(c["layers"])]
+  assert shapes(small) == shapes(large)
+  full = jitted(model)(params, tokens)
+  logits, cache = jitted(model, "prefill")(params, tokens[:, :3], small)
+  steps = [logits]
+  for i in range(3, 13):  # 13 tokens through a cache allocated for 4
+    step_logits, cache = jitted(model, "decode_step")(params, tokens[:, i], cache)
+    steps.append(step_logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)

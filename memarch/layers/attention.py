@@ -64,6 +64,9 @@ class Attention(nn.Module):
       o = context_parallel.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids,
                                      impl=c.attention_impl)
       new_cache = None
+    elif window:
+      # Sliding window: the cache keeps only the last `window` keys (a fixed size whatever the context).
+      o, new_cache = window_cache_attention(q, k, v, cache, cache_index, window, impl=c.attention_impl)
     else:
       t = x.shape[1]
       ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
@@ -81,5 +84,34 @@ class Attention(nn.Module):
     """Zeros `{"k", "v"}` of shape `[batch, max_len, kv_heads, head_dim]` in the compute dtype."""
     _, kv_heads, head_dim = self._dims()
     dtype = dtype_from_name(self.config.compute_dtype)
+    if self.config.window:  # sliding window: `{"window_k", "window_v"}` of the last `window` keys instead
+      shape = (batch, int(self.config.window), kv_heads, head_dim)
+      return {"window_k": jnp.zeros(shape, dtype), "window_v": jnp.zeros(shape, dtype)}
     shape = (batch, max_len, kv_heads, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def window_cache_attention(q, k, v, cache, cache_index, window: int, *, prefix=None, impl: str = "auto"):
+  """Sliding-window attention of t new tokens against a cache of the previous `window` keys and values.
+
+  q `[b, t, h, d]`, k/v `[b, t, kv_heads, d]` (the new tokens, at positions cache_index..cache_index+t-1),
+  cache `{"window_k", "window_v"}` `[b, window, kv_heads, d]` (the keys of positions cache_index-window..
+  cache_index-1; slots before position 0 hold nothing and are masked), prefix: None or (k, v) of persistent
+  tokens visible to every query. Returns (o `[b, t, h, d]`, the cache after these tokens). Any t works:
+  prefill and decode are the same call.
+  """
+  dtype = q.dtype
+  b, t = q.shape[:2]
+  kw = jnp.concatenate([cache["window_k"].astype(dtype), k.astype(dtype)], axis=1)  # [b, window + t, kv, d]
+  vw = jnp.concatenate([cache["window_v"].astype(dtype), v.astype(dtype)], axis=1)
+  k_offset = cache_index - window
+  kv_seg = jnp.where(k_offset + jnp.arange(window + t) >= 0, 0, 1).astype(jnp.int32)
+  n_p = 0
+  if prefix is not None:
+    kw, vw, n_p = (jnp.concatenate([prefix[0], kw], axis=1), jnp.concatenate([prefix[1], vw], axis=1),
+                   prefix[0].shape[1])
+  o = shard_lib.attention(
+      q, kw, vw, causal=True, window=window, num_prefix=n_p, q_offset=cache_index, k_offset=k_offset,
+      segment_ids=(jnp.zeros((b, t), jnp.int32), jnp.broadcast_to(kv_seg, (b, window + t))), impl=impl,
+  )
+  return o, {"window_k": kw[:, n_p + t:], "window_v": vw[:, n_p + t:]}

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import kernels
 from memarch import context_parallel
 from memarch import sharding as shard_lib
+from memarch.layers.attention import window_cache_attention
 from memarch.layers.common import RMSNorm, apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 from memarch.layers.neural_memory import NeuralMemory, atlas_option, memory_cache, select_initial
 from memarch.memory import neural
@@ -123,7 +124,7 @@ class WindowAttention(nn.Module):
     dtype = dtype_from_name(c.compute_dtype)
     p = _attention_params(self, c, out_init=self.out_init or residual_out_init(c.num_layers))
     x = x.astype(dtype)
-    b, t, _ = x.shape
+    b = x.shape[0]
     q = apply_rope(dense(x, p["wq"]), positions, c.rope_base)
     k = apply_rope(dense(x, p["wk"]), positions, c.rope_base)
     v = dense(x, p["wv"])
@@ -136,18 +137,8 @@ class WindowAttention(nn.Module):
     else:
       if cache_index is None:
         raise ValueError("WindowAttention: a call with a cache needs cache_index.")
-      kw = jnp.concatenate([cache["window_k"].astype(dtype), k], axis=1)  # [b, window + t, kv, hd]
-      vw = jnp.concatenate([cache["window_v"].astype(dtype), v], axis=1)
-      k_offset = cache_index - window
-      # Cached slots before position 0 (the start of generation) hold nothing: a different segment id.
-      kv_seg = jnp.where(k_offset + jnp.arange(window + t) >= 0, 0, 1).astype(jnp.int32)
-      ks, vs, n_p = _with_prefix(prefix, kw, vw)
-      o = shard_lib.attention(
-          q, ks, vs, causal=True, window=window, num_prefix=n_p, q_offset=cache_index, k_offset=k_offset,
-          segment_ids=(jnp.zeros((b, t), jnp.int32), jnp.broadcast_to(kv_seg, (b, window + t))),
-          impl=c.attention_impl,
-      )
-      new_cache = {"window_k": kw[:, t:], "window_v": vw[:, t:]}
+      o, new_cache = window_cache_attention(q, k, v, cache, cache_index, window, prefix=prefix,
+                                            impl=c.attention_impl)
     return dense(o, p["wo"], contract=2), new_cache
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
