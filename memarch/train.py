@@ -342,39 +342,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     step = start
     last = steps if stop_after is None else min(steps, start + stop_after)
     nonfinite = NonfiniteGuard(config.train.max_nonfinite_steps, workdir, checkpointer)
-    with SignalCheckpoint(enabled=config.train.handle_signals) as signals:
-      while step < last:
-        batch = next(train_iter)
-        check_batch(batch, model_config.vocab_size)
-        state, metrics = train_step(state, shard_lib.place_batch(batch, mesh))
-        step += 1
-        nonfinite.after_dispatch(step, batch, metrics)  # checks the previous step's flag (one step of lag)
-        pending.append(metrics)
-        if step % config.train.log_every == 0 or step == last:
-          fetched = jax.device_get(pending)
-          train_metrics = mean_metrics(fetched)
-          sps, tps, _ = progress.rates(step)
-          release_free_memory()  # so that host_rss_mib shows what is in use, not what glibc keeps cached
-          writer.write(step, "train", {**train_metrics, "steps_per_sec": sps, "tokens_per_sec": tps,
-                                       "host_rss_mib": host_rss_mib()})
-          progress.update(step, {k: v for k, v in train_metrics.items() if k != "nonfinite_steps" or v})
-          pending = []
-        if step == last:
-          nonfinite.finish()
-        if (config.train.eval_every and step % config.train.eval_every == 0) or step == steps:
-          eval_metrics = run_eval(state.params)
-          writer.write(step, "eval", eval_metrics)
-          progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        preempted = signals.signum is not None or checkpointer.reached_preemption(step)
-        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == last or preempted:
-          checkpointer.save(step, state, train_iter.get_state(), manifest, force=True)
-        if preempted:
-          progress.message(f"signal received: checkpoint at step {step} saved, waiting for it to be written ...")
-          checkpointer.wait()
-          checkpointer.close()
-          progress.close()
-          writer.close()
-          raise Preempted(step, signals.signum, workdir)
+    try:
+      with SignalCheckpoint(enabled=config.train.handle_signals) as signals:
+        while step < last:
+          batch = next(train_iter)
+          check_batch(batch, model_config.vocab_size)
+          state, metrics = train_step(state, shard_lib.place_batch(batch, mesh))
+          step += 1
+          nonfinite.after_dispatch(step, batch, metrics)  # checks the previous step's flag (one step of lag)
+          pending.append(metrics)
+          if step % config.train.log_every == 0 or step == last:
+            fetched = jax.device_get(pending)
+            train_metrics = mean_metrics(fetched)
+            sps, tps, _ = progress.rates(step)
+            release_free_memory()  # so that host_rss_mib shows what is in use, not what glibc keeps cached
+            writer.write(step, "train", {**train_metrics, "steps_per_sec": sps, "tokens_per_sec": tps,
+                                         "host_rss_mib": host_rss_mib()})
+            progress.update(step, {k: v for k, v in train_metrics.items() if k != "nonfinite_steps" or v})
+            pending = []
+          if step == last:
+            nonfinite.finish()
+          if (config.train.eval_every and step % config.train.eval_every == 0) or step == steps:
+            eval_metrics = run_eval(state.params)
+            writer.write(step, "eval", eval_metrics)
+            progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+          preempted = signals.signum is not None or checkpointer.reached_preemption(step)
+          if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == last or preempted:
+            checkpointer.save(step, state, train_iter.get_state(), manifest, force=True)
+          if preempted:
+            progress.message(f"signal received: checkpoint at step {step} saved, waiting for it to be written ...")
+            checkpointer.wait()
+            checkpointer.close()
+            progress.close()
+            writer.close()
+            raise Preempted(step, signals.signum, workdir)
+    except Preempted:
+      raise
+    except Exception:
+      # Saves already dispatched (asynchronously) finish before the error propagates, so the checkpoint an
+      # error names as the last good one is on disk (measured: under load, right after a non-finite stop, a
+      # fresh Checkpointer found no checkpoint at all).
+      try:
+        checkpointer.wait()
+      except Exception:  # noqa: BLE001  the original error is the one to report
+        pass
+      raise
     if not eval_metrics and step == steps:  # resumed a finished run: evaluate what was restored
       eval_metrics = run_eval(state.params)
       progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
