@@ -73,7 +73,7 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       lengths = jnp.full((x.shape[0],), cache_index + t, jnp.int32)
       o = shard_lib.attention(
-          q, ck.astype(dtype), cv.astype(dtype), causal=True, window=window, q_offset=cache_index,
+          q, ck.astype(dtype), cv.astype(dtype), causal=True, q_offset=cache_index,
           kv_lengths=lengths, impl=c.attention_impl, decode=t <= DECODE_MAX_TOKENS,
       )
       new_cache = {"k": constrain(ck, CACHE_ACT), "v": constrain(cv, CACHE_ACT)}
@@ -106,12 +106,17 @@ def window_cache_attention(q, k, v, cache, cache_index, window: int, *, prefix=N
   vw = jnp.concatenate([cache["window_v"].astype(dtype), v.astype(dtype)], axis=1)
   k_offset = cache_index - window
   kv_seg = jnp.where(k_offset + jnp.arange(window + t) >= 0, 0, 1).astype(jnp.int32)
-  n_p = 0
-  if prefix is not None:
-    kw, vw, n_p = (jnp.concatenate([prefix[0], kw], axis=1), jnp.concatenate([prefix[1], vw], axis=1),
-                   prefix[0].shape[1])
+  kw, vw, n_p = with_prefix(prefix, kw, vw)
   o = shard_lib.attention(
       q, kw, vw, causal=True, window=window, num_prefix=n_p, q_offset=cache_index, k_offset=k_offset,
       segment_ids=(jnp.zeros((b, t), jnp.int32), jnp.broadcast_to(kv_seg, (b, window + t))), impl=impl,
   )
   return o, {"window_k": kw[:, n_p + t:], "window_v": vw[:, n_p + t:]}
+
+
+def with_prefix(prefix, k, v):
+  """[prefix; k], [prefix; v] along the sequence axis, and the number of prefix keys (prefix None: k, v, 0)."""
+  if prefix is None:
+    return k, v, 0
+  kp, vp = prefix
+  return jnp.concatenate([kp, k], axis=1), jnp.concatenate([vp, v], axis=1), kp.shape[1]

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import kernels
 from memarch import context_parallel
 from memarch import sharding as shard_lib
-from memarch.layers.attention import window_cache_attention
+from memarch.layers.attention import window_cache_attention, with_prefix
 from memarch.layers.common import RMSNorm, apply_rope, dense, dense_init, dtype_from_name, param_with_axes, residual_out_init
 from memarch.layers.neural_memory import NeuralMemory, atlas_option, memory_cache, select_initial
 from memarch.memory import neural
@@ -99,14 +99,6 @@ def _persistent_kv(p, batch: int, dtype):
   return bcast(kp), bcast(vp)
 
 
-def _with_prefix(prefix, k, v):
-  """[prefix; k], [prefix; v] along the sequence axis, and the number of prefix keys."""
-  if prefix is None:
-    return k, v, 0
-  kp, vp = prefix
-  return jnp.concatenate([kp, k], axis=1), jnp.concatenate([vp, v], axis=1), kp.shape[1]
-
-
 class WindowAttention(nn.Module):
   """Sliding-window attention with persistent memory and a fixed-size cache (see the module docstring).
 
@@ -130,7 +122,7 @@ class WindowAttention(nn.Module):
     v = dense(x, p["wv"])
     prefix = _persistent_kv(p, b, dtype)
     if cache is None:
-      ks, vs, n_p = _with_prefix(prefix, k, v)
+      ks, vs, n_p = with_prefix(prefix, k, v)
       o = context_parallel.attention(q, ks, vs, causal=True, window=window, num_prefix=n_p,
                                      segment_ids=segment_ids, impl=c.attention_impl)
       new_cache = None
@@ -235,7 +227,7 @@ class _MACCore(nn.Module):
     merged exactly. kv_len: valid slots of kx/kh (decoding buffers), or None for all."""
     c = self.config
     b = q.shape[0]
-    ks, vs, n_p = _with_prefix(_persistent_kv(self.attn, b, self.dtype), kh, vh)
+    ks, vs, n_p = with_prefix(_persistent_kv(self.attn, b, self.dtype), kh, vh)
     seg = None if segment_ids is None else (segment_ids, segment_ids)
     common = dict(causal=True, q_offset=q_offset, k_offset=k_offset, segment_ids=seg, return_lse=True,
                   impl=c.attention_impl)
