@@ -21,6 +21,10 @@ size) next to it.
   mqar512far MQAR with uniformly placed queries (power_a 1: most queries several 128-token segments after their
             keys), trained on the mixture (128, 8) (512, 16), evaluated at (512, 16) and (2048, 16) (generated in
             memory: the 2048 set is longer than the training rows), vocabulary 512
+  babilong_qa1, babilong_qa2
+            BABILong-style reasoning (memarch/data/babilong.py), bytes: stories of 6 facts trained at 256 tokens
+            (the facts fill most of it: qa1 takes about 220 tokens, qa2 about 200), evaluated at 256 and at 4x
+            that, 1024 (the same stories' facts spread over filler); accuracy on the answer's tokens
   (none)    keep each config's own data section (then they must agree: checked)
 `--set key=value` overrides apply to every config (values parsed as Python literals where possible).
 """
@@ -43,7 +47,7 @@ import numpy as np
 
 from configs import common
 
-TASKS = ("mqar256", "passkey1k", "passkey512", "mqar512far")
+TASKS = ("mqar256", "passkey1k", "passkey512", "mqar512far", "babilong_qa1", "babilong_qa2")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -103,6 +107,12 @@ def task_data(task: str) -> ml_collections.ConfigDict:
                          num_train_examples=20_000, num_eval_examples=64)
     c.mqar.power_a = 1.0  # uniform gaps: a query is on average a quarter of the sequence after the keys
     c.mqar.use_tfds = False  # the 2048 eval set is longer than the training rows (not storable in one TFDS build)
+    return c
+  if task in ("babilong_qa1", "babilong_qa2"):
+    # qa2's default 8 facts take ~270 bytes; 6 fit the 256-token training rows of both tasks.
+    c = common.babilong_data(task=task.rpartition("_")[2], seq_len=256, eval_lengths=(256, 1024),
+                             num_eval_examples=64)
+    c.qa.num_facts = 6
     return c
   raise ValueError(f"unknown --task {task!r}; known: {TASKS}.")
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from experiments import sweep
+from memarch import data as data_lib
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,6 +42,18 @@ def test_passkey_task_evaluates_beyond_the_training_length():
   c = sweep.prepare("configs/transformer.py:size=tiny", "passkey1k", [], 0.01)
   assert c.data.name == "passkey" and c.model.max_len == 1024
   assert tuple(c.data.passkey.eval_lengths) == (1024, 4096, 16384)
+
+
+@pytest.mark.parametrize("task", ["babilong_qa1", "babilong_qa2"])
+def test_babilong_tasks_fit_the_training_rows_and_evaluate_at_4x(task):
+  c = sweep.prepare("configs/titans.py:variant=lmm,size=tiny", task, [], 0.01)
+  assert c.data.name == "babilong" and c.data.qa.task == task[-3:] and c.model.max_len == 256
+  assert tuple(c.data.qa.eval_lengths) == (256, 1024)
+  batch = next(data_lib.create_train_iterator(c.data, batch_size=2, seed=0))
+  assert batch["inputs"].shape == (2, 256) and batch["loss_mask"].sum() > 0
+  evals = data_lib.create_eval_batches(c.data, batch_size=8, max_batches=1)
+  assert sorted(evals) == [f"babilong_{task[-3:]}_T1024", f"babilong_{task[-3:]}_T256"]
+  assert evals[f"babilong_{task[-3:]}_T1024"][0]["inputs"].shape == (8, 1024)
 
 
 @pytest.mark.timeout(240)
