@@ -168,6 +168,7 @@ def run_one(config, workdir: str) -> dict[str, Any]:
       return done
   from memarch.train import train_and_evaluate  # noqa: PLC0415
 
+  check_resumable(config, workdir)
   try:
     result = train_and_evaluate(config, workdir)
   except FloatingPointError as e:  # a diverged lr is a result of the sweep, not the end of it
@@ -179,6 +180,46 @@ def run_one(config, workdir: str) -> dict[str, Any]:
   with open(record, "w") as f:
     json.dump(done, f, indent=1)
   return done
+
+
+# The sections that define a run's protocol: resuming a run under different values would silently mix two
+# protocols in one run (the training loop itself checks only that the model matches its checkpoint).
+PROTOCOL_SECTIONS = ("model", "data", "optim")
+PROTOCOL_TRAIN_KEYS = ("batch_size", "seed")
+# Model keys that change how the same math is computed, not the math: not part of the protocol.
+LAYOUT_MODEL_KEYS = ("remat", "scan_layers")
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Raises if `workdir` holds a run trained under another protocol than `config` (other than its step count),
+  naming the differences, before any training: e.g. a run trained at batch 8 that a batch-16 sweep would
+  otherwise extend."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  pick = lambda c: {**{s: c.get(s) for s in PROTOCOL_SECTIONS},
+                    **{f"train.{k}": c.get("train", {}).get(k) for k in PROTOCOL_TRAIN_KEYS}}
+
+  from memarch.checkpoint import ADDED_MODEL_KEYS  # noqa: PLC0415
+
+  def diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+      return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    key = prefix[:-1]
+    if key.startswith("model."):
+      name = key[len("model."):]
+      # Keys added to the model config after a run was trained: their defaults reproduce the old model.
+      if name in LAYOUT_MODEL_KEYS or (a is None and name in ADDED_MODEL_KEYS and b == ADDED_MODEL_KEYS[name]):
+        return []
+    return [] if a == b else [f"{key}: the run has {a!r}, this sweep {b!r}"]
+
+  diffs = [d for key, value in pick(saved).items() for d in diff(value, pick(new)[key], f"{key}.")]
+  if diffs:
+    raise ValueError(f"{workdir} holds a run of another protocol; move it away (or use another --workdir) to "
+                     "train this one:\n  " + "\n  ".join(diffs))
 
 
 def mean_accuracy(eval_metrics: dict[str, float]) -> float:

@@ -44,6 +44,21 @@ def test_passkey_task_evaluates_beyond_the_training_length():
   assert tuple(c.data.passkey.eval_lengths) == (1024, 4096, 16384)
 
 
+def test_a_run_of_another_protocol_is_not_resumed(tmp_path):
+  """A run trained at batch 8 is not extended by a batch-16 sweep: the error names the difference."""
+  from memarch.train import save_config
+  old = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8"], 0.01)
+  save_config(old, str(tmp_path))
+  same = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8", "train.steps=99"], 0.01)
+  sweep.check_resumable(same, str(tmp_path))  # only the step count differs: resumable
+  new = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=16"], 0.01)
+  with pytest.raises(ValueError, match=r"train\.batch_size: the run has 8, this sweep 16"):
+    sweep.check_resumable(new, str(tmp_path))
+  other_lr = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8"], 0.003)
+  with pytest.raises(ValueError, match=r"optim\.lr"):
+    sweep.check_resumable(other_lr, str(tmp_path))
+
+
 @pytest.mark.parametrize("task", ["babilong_qa1", "babilong_qa2"])
 def test_babilong_tasks_fit_the_training_rows_and_evaluate_at_4x(task):
   c = sweep.prepare("configs/titans.py:variant=lmm,size=tiny", task, [], 0.01)
