@@ -11,7 +11,11 @@ Zoology: the prefill's argmax at every query position (accuracy per query), per 
   passkey   a model on the byte vocabulary: the text passkey ("The grass is green. ..."); a model trained on the
             token passkey: that task in its own vocabulary
   niah      RULER S-NIAH "noise"; "text" and "text_uuid" with --haystack_file (or the run's data.qa.haystack_file)
-  babilong  qa1, qa2, qa3 (facts hidden in generated filler; real text with --haystack_file)
+  babilong  qa1, qa2, qa3 (facts hidden in generated filler; real text with --haystack_file); stories with the
+            number of facts the run was trained with when it was trained on BABILong (data.qa.num_facts), else
+            each task's default
+A variant alone is a task too: niah_noise, niah_text, niah_text_uuid, passkey_text, babilong_qa1, babilong_qa2,
+babilong_qa3 (e.g. --tasks babilong_qa1 for a run trained on qa1).
 
 Writes `<workdir>/eval/results.json` (one row per task/length/depth or setting: accuracy, examples, whether the
 length is beyond the training length ("extrapolation"), or "skipped" with the reason) and PNGs: a length x depth
@@ -40,6 +44,9 @@ from memarch.data import babilong, niah, passkey, qa, synthetic
 from memarch.train import load_config, load_run  # noqa: F401 - part of this module's interface
 
 TASKS = ("mqar", "niah", "passkey", "babilong")
+# The variants of each text task; a variant's name is a task of its own (only that variant).
+VARIANTS = {"passkey": ("passkey_text",), "niah": ("niah_noise", "niah_text", "niah_text_uuid"),
+            "babilong": ("babilong_qa1", "babilong_qa2", "babilong_qa3")}
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -151,8 +158,9 @@ def plan(config, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[
   vocab_reason = (f"the run was trained on data.name={name!r} (vocabulary {info.vocab_size}); the text tasks need a "
                   "model trained on the byte vocabulary (259 ids, e.g. data.name='text', 'niah' or 'babilong')")
   for task in tasks:
-    if task not in TASKS:
-      raise ValueError(f"--tasks: unknown task {task!r}; known: {', '.join(TASKS)}.")
+    known = TASKS + tuple(v for vs in VARIANTS.values() for v in vs)
+    if task not in known:
+      raise ValueError(f"--tasks: unknown task {task!r}; known: {', '.join(known)}.")
     if task == "mqar":
       if name != "mqar":
         cells.append(dict(task="mqar", length=None, skip=f"the run was trained on data.name={name!r}, not MQAR: "
@@ -185,8 +193,9 @@ def plan(config, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[
                                             depth=d) for _ in range(num_examples)]
           cells.append(dict(task="passkey", length=t, depth=d, make=make))
       continue
-    variants = {"passkey": ["passkey_text"], "niah": ["niah_noise", "niah_text", "niah_text_uuid"],
-                "babilong": ["babilong_qa1", "babilong_qa2", "babilong_qa3"]}[task]
+    variants = VARIANTS.get(task, (task,))
+    # A run trained on BABILong is evaluated on stories of the size it was trained on.
+    num_facts = int(config.data.qa.get("num_facts", 0)) if name == "babilong" else 0
     for variant in variants:
       if not byte_vocab:
         cells.append(dict(task=variant, length=None, skip=vocab_reason))
@@ -200,7 +209,7 @@ def plan(config, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[
           cell = dict(task=variant, length=t, depth=d)
           if variant.startswith("babilong"):
             src = babilong.babilong_source(task=variant.split("_")[1], num_examples=num_examples, lengths=(t,),
-                                           seed=seed, split="eval", haystack_file=haystack_file)
+                                           seed=seed, split="eval", num_facts=num_facts, haystack_file=haystack_file)
           elif variant == "passkey_text":
             src = niah.passkey_text_source(num_examples=num_examples, lengths=(t,), seed=seed, split="eval", depth=d)
           else:

@@ -90,3 +90,19 @@ def test_evaluate_mqar_and_compare(runs, tmp_path):
     assert os.path.getsize(out + suffix) > 0
   with open(out + ".md") as f:
     assert "mqar@64" in f.read()
+
+
+def test_babilong_runs_are_evaluated_on_stories_of_their_training_size():
+  """A run trained on 6-fact qa2 stories at 256 bytes is evaluated on 6-fact stories (qa2's default 8 facts do
+  not fit 256 bytes); a variant alone is a task."""
+  c = sweep.prepare("configs/titans.py:variant=lmm,size=tiny", "babilong_qa2", [], 1e-3)
+  cells = evaluate.plan(c, ["babilong_qa2"], [256, 1024], [], "", 2, 0)
+  assert [(x["task"], x["length"]) for x in cells] == [("babilong_qa2", 256), ("babilong_qa2", 1024)]
+  assert all("skip" not in x for x in cells)
+  assert len(cells[0]["make"]()) == 2
+  with c.unlocked():
+    c.data.qa.num_facts = 0  # the default 8 facts
+  with pytest.raises(ValueError, match="too short"):  # reported as skipped by run_cells
+    evaluate.plan(c, ["babilong_qa2"], [256], [], "", 2, 0)[0]["make"]()
+  with pytest.raises(ValueError, match="babilong_qa1"):
+    evaluate.plan(c, ["babilong_qa9"], [256], [], "", 2, 0)
