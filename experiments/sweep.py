@@ -16,6 +16,9 @@ size) next to it.
   mqar256   MQAR (Zoology), trained on Zoology's mixture (64,4) (128,8) (256,16) (256,32) (256,64), evaluated
             at seq 256 with 16, 32 and 64 key-value pairs, vocabulary 512
   passkey1k passkey retrieval trained at 1024 tokens, evaluated at 1x, 4x and 16x that length
+  niah1k    single needle in a haystack (RULER S-NIAH "noise": a key word and a 7-digit value among repeated
+            noise sentences), bytes, trained at 1024 tokens, evaluated at 1x, 4x and 16x that length at depths 0,
+            0.5 and 1 (16 examples each)
   passkey512 passkey retrieval trained at 512 tokens, evaluated at 512 and 2048 (HMT's results: 4x and 16x its
             128-token segment)
   mqar512far MQAR with uniformly placed queries (power_a 1: most queries several 128-token segments after their
@@ -47,7 +50,7 @@ import numpy as np
 
 from configs import common
 
-TASKS = ("mqar256", "passkey1k", "passkey512", "mqar512far", "babilong_qa1", "babilong_qa2")
+TASKS = ("mqar256", "passkey1k", "niah1k", "passkey512", "mqar512far", "babilong_qa1", "babilong_qa2")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -100,6 +103,9 @@ def task_data(task: str) -> ml_collections.ConfigDict:
                             num_eval_examples=256)
   if task == "passkey1k":
     return common.passkey_data(seq_len=1024, eval_multiples=(1, 4, 16))
+  if task == "niah1k":
+    return common.niah_data(flavour="noise", seq_len=1024, eval_lengths=(1024, 4096, 16384),
+                            eval_depths=(0.0, 0.5, 1.0), num_eval_examples=16)
   if task == "passkey512":
     return common.passkey_data(seq_len=512, eval_multiples=(1, 4), num_eval_examples=32)
   if task == "mqar512far":

@@ -59,6 +59,12 @@ def test_a_run_of_another_protocol_is_not_resumed(tmp_path):
     sweep.check_resumable(other_lr, str(tmp_path))
 
 
+def test_niah_task_evaluates_beyond_the_training_length():
+  c = sweep.prepare("configs/transformer.py:size=tiny", "niah1k", [], 0.01)
+  assert c.data.name == "niah" and c.data.qa.flavour == "noise" and c.model.max_len == 1024
+  assert tuple(c.data.qa.eval_lengths) == (1024, 4096, 16384)
+
+
 @pytest.mark.parametrize("task", ["babilong_qa1", "babilong_qa2"])
 def test_babilong_tasks_fit_the_training_rows_and_evaluate_at_4x(task):
   c = sweep.prepare("configs/titans.py:variant=lmm,size=tiny", task, [], 0.01)
