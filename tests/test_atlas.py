@@ -299,6 +299,34 @@ def test_newton_schulz_band_and_conditioning():
   assert np.all(sv[:, 0] / sv[:, -1] < 2), (sv[:, 0] / sv[:, -1]).max()
 
 
+def test_newton_schulz_backward_equals_autodiff_and_finite_differences():
+  """The hand-written backward of the NS iterations equals autodiff of the plain loop (float64, wide, tall and
+  square inputs), and finite differences."""
+  a, b, c = nm.NS_COEFFICIENTS
+
+  def plain(x):  # the textbook loop, differentiated by JAX
+    tall = x.shape[-2] > x.shape[-1]
+    x = jnp.swapaxes(x, -1, -2) if tall else x
+    x = x / (jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=(-2, -1), keepdims=True), 1e-30)) + 1e-7)
+    for _ in range(nm.NS_STEPS):
+      m = x @ jnp.swapaxes(x, -1, -2)
+      x = a * x + (b * m + c * (m @ m)) @ x
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+  rng = np.random.default_rng(3)
+  with jax.enable_x64(True):
+    for shape in [(3, 4, 9), (2, 9, 4), (5, 5)]:
+      x = jnp.asarray(rng.standard_normal(shape))
+      w = jnp.asarray(rng.standard_normal(shape))
+      loss = lambda f: (lambda x: jnp.sum(w * jnp.tanh(f(x))))
+      np.testing.assert_allclose(nm.newton_schulz(x), plain(x), rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(jax.grad(loss(nm.newton_schulz))(x), jax.grad(loss(plain))(x), rtol=1e-9,
+                                 atol=1e-11)
+      v = jnp.asarray(rng.standard_normal(shape))  # a random direction: central difference vs <grad, v>
+      fd = (loss(nm.newton_schulz)(x + 1e-6 * v) - loss(nm.newton_schulz)(x - 1e-6 * v)) / 2e-6
+      np.testing.assert_allclose(fd, jnp.sum(jax.grad(loss(nm.newton_schulz))(x) * v), rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ features
 
 

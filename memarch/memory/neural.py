@@ -652,7 +652,8 @@ def newton_schulz(x: jax.Array, steps: int = NS_STEPS, eps: float = 1e-7) -> jax
   """Approximate orthogonalization U V^T of x = U S V^T over the last two axes (Muon's quintic Newton-Schulz).
 
   x `[..., m, n]` -> `[..., m, n]` float32 (float64 for float64 input); singular values land in about
-  [0.7, 1.2] (the quintic's coefficients trade exactness for speed: it does not converge to 1).
+  [0.7, 1.2] (the quintic's coefficients trade exactness for speed: it does not converge to 1). Differentiable
+  by a hand-written backward of the iterations (`_ns_iterations`).
   """
   dt = _compute_dtype(x)
   x = x.astype(dt)
@@ -662,11 +663,63 @@ def newton_schulz(x: jax.Array, steps: int = NS_STEPS, eps: float = 1e-7) -> jax
   # The norm's square root at a floor: a zero matrix (e.g. eta = 0 and no gradient) gets a zero output and a
   # finite gradient (sqrt'(0) would make it NaN, even through a discarding jnp.where).
   x = x / (jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=(-2, -1), keepdims=True), 1e-30)) + eps)
-  a, b, c = NS_COEFFICIENTS
-  for _ in range(steps):
-    m = x @ jnp.swapaxes(x, -1, -2)
-    x = a * x + (b * m + c * (m @ m)) @ x
+  x = _ns_iterations(x, steps)
   return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def _gram(x: jax.Array) -> jax.Array:
+  return jnp.einsum("...ik,...jk->...ij", x, x)  # X X^T without materializing the transpose
+
+
+def _matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.einsum("...ij,...jk->...ik", x, y)
+
+
+def _ns_poly(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(A, P) of one iteration X -> a X + P X: A = X X^T, P = b A + c A^2."""
+  _, b, c = NS_COEFFICIENTS
+  m = _gram(x)
+  return m, b * m + c * _matmul(m, m)
+
+
+def _ns_step(x: jax.Array) -> jax.Array:
+  return NS_COEFFICIENTS[0] * x + _matmul(_ns_poly(x)[1], x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ns_iterations(x: jax.Array, steps: int) -> jax.Array:
+  """`steps` Newton-Schulz iterations on wide x `[..., m, n]`, m <= n.
+
+  Why a custom VJP: in the muon memory the per-token NS5 is most of the train step, and autodiff's backward of
+  these small batched matmuls ran at 7x the forward on CPU (transposed operands); this backward is ~1.5x faster
+  (measured on [1024, 16, 64]). Per iteration, with G the cotangent of X' = a X + P X:
+      dX = a G + P G + (dA + dA^T) X,  dA = b dP + c (dP A + A dP),  dP = G X^T   (A, P symmetric)
+  recomputing A and P from the saved X of each iteration."""
+  for _ in range(steps):
+    x = _ns_step(x)
+  return x
+
+
+def _ns_iterations_fwd(x, steps):
+  saved = []
+  for _ in range(steps):
+    saved.append(x)
+    x = _ns_step(x)
+  return x, tuple(saved)
+
+
+def _ns_iterations_bwd(steps, saved, g):
+  del steps
+  a, b, c = NS_COEFFICIENTS
+  for x in reversed(saved):
+    m, p = _ns_poly(x)
+    dp = jnp.einsum("...ik,...jk->...ij", g, x)  # G X^T
+    dm = b * dp + c * (_matmul(dp, m) + _matmul(m, dp))
+    g = a * g + _matmul(p, g) + _matmul(dm + jnp.swapaxes(dm, -1, -2), x)
+  return (g,)
+
+
+_ns_iterations.defvjp(_ns_iterations_fwd, _ns_iterations_bwd)
 
 
 def poly_feature_size(dim: int, degree: int) -> int:
