@@ -55,9 +55,12 @@ def summarize(workdir: str) -> dict[str, Any]:
   ok_lengths = [r["length"] for r in res["results"] if r["status"] == "ok" and r["length"]]
   longest = max(ok_lengths) if ok_lengths else None
   mqar = [r["accuracy"] for r in res["results"] if r["task"] == "mqar" and r["status"] == "ok"]
+  # Every DecoderLM registers as "transformer": name its block types (as the run banner does).
+  blocks = config.model.get("layer_blocks")
+  model = f"{res['model']} [{', '.join(blocks)}]" if blocks else res["model"]
   return {
       "run": os.path.basename(os.path.normpath(workdir)), "workdir": os.path.abspath(workdir),
-      "model": res["model"], "data": res["data"], "step": res["step"], "train_length": res["train_length"],
+      "model": model, "data": res["data"], "step": res["step"], "train_length": res["train_length"],
       "params": params, "state_bytes_train_length": train_state, "longest_length": longest,
       "state_bytes_longest": state_bytes(config, longest) if longest else None,
       "train_tokens_per_sec": sweep.train_tokens_per_sec(workdir),
@@ -75,11 +78,11 @@ def _sort_key(col: str):
 
 def markdown(rows: list[dict[str, Any]]) -> str:
   cols = sorted({c for r in rows for c in r["accuracy"]}, key=_sort_key)
-  head = ["run", "model", "params", "state bytes (train len)", "state bytes (longest)", "train tok/s", *cols]
+  head = ["run", "model", "step", "params", "state bytes (train len)", "state bytes (longest)", "train tok/s", *cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     tps = r["train_tokens_per_sec"]
-    cells = [r["run"], r["model"], f"{r['params']:,}", f"{r['state_bytes_train_length']:,}",
+    cells = [r["run"], r["model"], str(r["step"]), f"{r['params']:,}", f"{r['state_bytes_train_length']:,}",
              f"{r['state_bytes_longest']:,}" if r["state_bytes_longest"] else "-",
              f"{tps:,.0f}" if tps else "-"]
     cells += [f"{r['accuracy'][c]:.3f}" if c in r["accuracy"] else "-" for c in cols]
