@@ -72,6 +72,7 @@ def train_config(*, steps: int = 1000, batch_size: int = 64) -> ml_collections.C
   c.eval_every = 250  # steps between evaluations (0: only at the end)
   c.checkpoint_every = 500  # steps between checkpoints (0: only at the end)
   c.keep_checkpoints = 3  # how many recent checkpoints to keep
+  c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none), e.g. a zoo's stages
   c.async_checkpoint = True  # save in the background while training goes on
   # Record each finished checkpoint's file sizes and CRC32s, and check them before restoring: a truncated or
   # missing file is named, that step is set aside, and the run resumes from the previous good one.

@@ -331,11 +331,12 @@ def plot_results(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
 
 def evaluate(workdir: str, *, tasks: Sequence[str] = TASKS, lengths: Sequence[int] = (1024, 4096, 16384),
              depths: Sequence[float] = DEPTHS, num_examples: int = 16, batch_size: int = 8, haystack_file: str = "",
-             seed: int = 1234, progress: bool = True) -> dict[str, Any]:
-  """Evaluates the run in `workdir`; writes <workdir>/eval/results.json and PNGs; returns the results dict."""
+             seed: int = 1234, progress: bool = True, step: int | None = None) -> dict[str, Any]:
+  """Evaluates the run in `workdir` at its latest checkpoint (or at `step`); writes <workdir>/eval/results.json
+  and PNGs; returns the results dict."""
   if num_examples < 1 or batch_size < 1:
     raise ValueError(f"num_examples ({num_examples}) and batch_size ({batch_size}) must be >= 1.")
-  config, model, params, step = load_run(workdir)
+  config, model, params, step = load_run(workdir, step)
   if not haystack_file and "qa" in config.data:
     haystack_file = str(config.data.qa.get("haystack_file", ""))
   train_length = int(config.model.get("max_len", config.data.seq_len))
@@ -348,9 +349,30 @@ def evaluate(workdir: str, *, tasks: Sequence[str] = TASKS, lengths: Sequence[in
              "lengths": list(lengths), "depths": list(depths), "num_examples": num_examples, "seed": seed,
              "haystack_file": haystack_file, "results": rows}
   results["plots"] = [os.path.basename(p) for p in plot_results(rows, out_dir)]
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  # results.json is the latest evaluation (what compare reads); results_step<N>.json keeps each step's.
+  for name in ("results.json", f"results_step{step}.json"):
+    with open(os.path.join(out_dir, name), "w") as f:
+      json.dump(results, f, indent=1)
   return results
+
+
+def reuse(workdir: str, step: int) -> bool:
+  """Whether `workdir` has an evaluation of checkpoint `step`; if it is not the latest one written, it becomes
+  results.json again (plots redrawn), so that compare reads it. A zoo re-run evaluates nothing twice."""
+  out_dir = os.path.join(workdir, "eval")
+  current, kept = os.path.join(out_dir, "results.json"), os.path.join(out_dir, f"results_step{step}.json")
+  if os.path.exists(current):
+    with open(current) as f:
+      if json.load(f).get("step") == step:
+        return True
+  if not os.path.exists(kept):
+    return False
+  with open(kept) as f:
+    results = json.load(f)
+  results["plots"] = [os.path.basename(p) for p in plot_results(results["results"], out_dir)]
+  with open(current, "w") as f:
+    json.dump(results, f, indent=1)
+  return True
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -376,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--haystack_file", default="", help="real text for niah text/text_uuid and BABILong filler")
   parser.add_argument("--seed", type=int, default=1234)
   parser.add_argument("--no_progress", action="store_true")
+  parser.add_argument("--step", type=int, default=None, help="the checkpoint to evaluate (default: the latest)")
   args = parser.parse_args(argv)
   depths = [float(d) for d in args.depths.split(",") if d.strip()]
   if any(not 0 <= d <= 1 for d in depths):
@@ -383,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   results = evaluate(args.workdir, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                      lengths=parse_lengths(args.lengths), depths=depths, num_examples=args.num_examples,
                      batch_size=args.batch_size, haystack_file=args.haystack_file, seed=args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, step=args.step)
   print(format_table(results["results"]))
   print(f"wrote {os.path.join(args.workdir, 'eval', 'results.json')} and {len(results['plots'])} plots")
   return results

@@ -7,7 +7,10 @@ best of a small learning-rate sweep; one seed, stated.
 
 Every (config, lr) trains with `memarch.train.train_and_evaluate` in `<workdir>/<label>/lr<lr>` (default
 workdir runs/sweep_<name>; re-running skips finished runs and resumes unfinished ones). The best lr per model
-is the one with the highest mean eval accuracy over the eval sets. Prints a table (one row per model: best lr,
+is the one with the highest mean over the eval sets of the task's selection metric (SELECTION_METRIC): token
+accuracy for MQAR, where every query is a retrieval of its own; exact match of the whole answer (every answer
+token right, teacher-forced: what greedy decoding would score) for passkey, NIAH and BABILong, whose answers'
+formats make token accuracy high for a model that never answers. Prints a table (one row per model: best lr,
 accuracy per eval set, tokens/s in training, parameters, decoding state bytes per sequence at the training
 length) and writes `bench_results/sweep_<name>.json` and a plot of accuracy per eval set (and against state
 size) next to it.
@@ -51,6 +54,9 @@ import numpy as np
 from configs import common
 
 TASKS = ("mqar256", "passkey1k", "niah1k", "passkey512", "mqar512far", "babilong_qa1", "babilong_qa2")
+# The eval metric the best lr is chosen by (mean over the eval sets); "accuracy" for a sweep without --task.
+SELECTION_METRIC = {"mqar256": "accuracy", "mqar512far": "accuracy", "passkey1k": "exact", "niah1k": "exact",
+                    "passkey512": "exact", "babilong_qa1": "exact", "babilong_qa2": "exact"}
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -206,31 +212,45 @@ def check_resumable(config, workdir: str) -> None:
   with open(path) as f:
     saved = json.load(f)
   new = json.loads(config.to_json_best_effort())
-  pick = lambda c: {**{s: c.get(s) for s in PROTOCOL_SECTIONS},
-                    **{f"train.{k}": c.get("train", {}).get(k) for k in PROTOCOL_TRAIN_KEYS}}
+  from memarch.checkpoint import manifest_differences  # noqa: PLC0415
 
-  from memarch.checkpoint import ADDED_MODEL_KEYS  # noqa: PLC0415
+  # The model section as the training loop compares a checkpoint's (keys added later with their old defaults
+  # are the same model), less the layout keys; the rest of the protocol key by key.
+  model = lambda c: {k: v for k, v in (c.get("model") or {}).items() if k not in LAYOUT_MODEL_KEYS}
+  diffs = manifest_differences({"model": model(saved)}, {"model": model(new)})
+  pick = lambda c: {**{s: c.get(s) for s in PROTOCOL_SECTIONS if s != "model"},
+                    **{f"train.{k}": c.get("train", {}).get(k) for k in PROTOCOL_TRAIN_KEYS}}
 
   def diff(a, b, prefix=""):
     if isinstance(a, dict) and isinstance(b, dict):
       return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    key = prefix[:-1]
-    if key.startswith("model."):
-      name = key[len("model."):]
-      # Keys added to the model config after a run was trained: their defaults reproduce the old model.
-      if name in LAYOUT_MODEL_KEYS or (a is None and name in ADDED_MODEL_KEYS and b == ADDED_MODEL_KEYS[name]):
-        return []
-    return [] if a == b else [f"{key}: the run has {a!r}, this sweep {b!r}"]
+    return [] if a == b else [f"{prefix[:-1]}: the run has {a!r}, this sweep {b!r}"]
 
-  diffs = [d for key, value in pick(saved).items() for d in diff(value, pick(new)[key], f"{key}.")]
+  diffs += [d for key, value in pick(saved).items() for d in diff(value, pick(new)[key], f"{key}.")]
   if diffs:
     raise ValueError(f"{workdir} holds a run of another protocol; move it away (or use another --workdir) to "
                      "train this one:\n  " + "\n  ".join(diffs))
 
 
+def mean_metric(eval_metrics: dict[str, float], metric: str = "accuracy") -> float:
+  """Mean of `<set>/<metric>` over the eval sets (nan when there is none: a diverged run, or a result recorded
+  before the metric existed)."""
+  values = [v for k, v in eval_metrics.items() if k.endswith(f"/{metric}")]
+  return float(np.mean(values)) if values else float("nan")
+
+
 def mean_accuracy(eval_metrics: dict[str, float]) -> float:
-  accs = [v for k, v in eval_metrics.items() if k.endswith("/accuracy")]
-  return float(np.mean(accs)) if accs else float("nan")
+  return mean_metric(eval_metrics, "accuracy")
+
+
+def best_run(runs: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], str]:
+  """The run of one model with the best mean `metric`, and the metric used: token accuracy when some finished
+  run has no `metric` recorded (its result predates exact match), so that all lrs are ranked by one metric."""
+  finished = [r for r in runs if not r["diverged"]]
+  if any(math.isnan(mean_metric(r["eval"], metric)) for r in finished):
+    metric = "accuracy"
+  score = lambda r: -1.0 if math.isnan(mean_metric(r["eval"], metric)) else mean_metric(r["eval"], metric)
+  return max(runs, key=score), metric
 
 
 def plot(summary: dict[str, Any], out: str) -> str:
@@ -247,16 +267,17 @@ def plot(summary: dict[str, Any], out: str) -> str:
     xs = np.arange(len(sets)) + i * width
     axes[0].bar(xs, [m["accuracy"].get(s, np.nan) for s in sets], width, label=f"{m['label']} (lr {m['best_lr']:g})")
   axes[0].set_xticks(np.arange(len(sets)) + 0.4 - width / 2, sets, fontsize=8)
-  axes[0].set_ylabel("eval accuracy")
+  axes[0].set_ylabel("eval token accuracy")
   axes[0].set_ylim(0, 1)
   axes[0].legend(fontsize=7)
   axes[0].set_title(f"{summary['name']}: best lr per model")
   for m in models:
-    axes[1].scatter(m["state_bytes"], m["mean_accuracy"])
-    axes[1].annotate(m["label"], (m["state_bytes"], m["mean_accuracy"]), fontsize=8)
+    score = m.get("score", m["mean_accuracy"])
+    axes[1].scatter(m["state_bytes"], score)
+    axes[1].annotate(f"{m['label']} ({m.get('selected_by', 'accuracy')})", (m["state_bytes"], score), fontsize=8)
   axes[1].set_xscale("log")
   axes[1].set_xlabel("decoding state bytes per sequence (at the training length)")
-  axes[1].set_ylabel("mean eval accuracy")
+  axes[1].set_ylabel("mean eval selection metric (in brackets)")
   axes[1].grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
@@ -324,20 +345,22 @@ def run_stage(args, specs, configs, root: str, steps: int, lrs: list[float]) -> 
     t0 = time.time()
     done = run_one(config, workdir)
     runs.append({"label": label, "lr": lr, "workdir": workdir, "eval": done["eval"], "diverged": "diverged" in done,
-                 "mean_accuracy": mean_accuracy(done["eval"]), "tokens_per_sec": train_tokens_per_sec(workdir),
-                 "wall_s": time.time() - t0})
+                 "mean_accuracy": mean_accuracy(done["eval"]), "mean_exact": mean_metric(done["eval"], "exact"),
+                 "tokens_per_sec": train_tokens_per_sec(workdir), "wall_s": time.time() - t0})
 
   eval_sets = sorted({k.rsplit("/", 1)[0] for r in runs for k in r["eval"] if k.endswith("/accuracy")})
   models = []
   for label, spec in specs:
     mine = [r for r in runs if r["label"] == label]
-    best = max(mine, key=lambda r: -1.0 if math.isnan(r["mean_accuracy"]) else r["mean_accuracy"])
+    best, selected_by = best_run(mine, SELECTION_METRIC.get(args.task, "accuracy"))
     config = configs[(label, best["lr"])]
     n_params, n_state = model_sizes(config)
     models.append({
-        "label": label, "config": spec, "best_lr": best["lr"], "mean_accuracy": best["mean_accuracy"],
-        "accuracy": {s: best["eval"].get(f"{s}/accuracy") for s in eval_sets},
-        "all_lrs": {f"{r['lr']:g}": r["mean_accuracy"] for r in mine},
+        "label": label, "config": spec, "best_lr": best["lr"], "selected_by": selected_by,
+        "score": mean_metric(best["eval"], selected_by), "mean_accuracy": best["mean_accuracy"],
+        "mean_exact": best["mean_exact"], "accuracy": {s: best["eval"].get(f"{s}/accuracy") for s in eval_sets},
+        "exact": {s: best["eval"].get(f"{s}/exact") for s in eval_sets},
+        "all_lrs": {f"{r['lr']:g}": mean_metric(r["eval"], selected_by) for r in mine},
         "tokens_per_sec": best["tokens_per_sec"], "state_bytes": n_state, "params": n_params,
     })
   return {"name": args.name, "protocol": {"task": args.task, "steps": steps, "batch_size": first.train.batch_size,
@@ -351,13 +374,15 @@ def report(summary: dict[str, Any], out: str) -> None:
 
   eval_sets = summary["eval_sets"]
   table = [{"model": m["label"], "best_lr": m["best_lr"], **{s: m["accuracy"][s] for s in eval_sets},
-            "mean_acc": m["mean_accuracy"], "tokens/s": m["tokens_per_sec"], "params": m["params"],
+            "mean_acc": m["mean_accuracy"], "mean_exact": m.get("mean_exact", float("nan")),
+            "by": m.get("selected_by", "accuracy"), "tokens/s": m["tokens_per_sec"], "params": m["params"],
             "state_KiB": m["state_bytes"] / 1024,
             "acc@lrs": " ".join(f"{k}:{v:.3f}" for k, v in m["all_lrs"].items())} for m in summary["models"]]
-  # A diverged lr shows as nan in acc@lrs (its mean accuracy is nan) and is never the best.
+  # A diverged lr shows as nan in acc@lrs (its metric is nan) and is never the best.
   protocol = summary["protocol"]
-  print(f"\nsweep {summary['name']} at step {protocol['steps']}: accuracy of the best lr per model "
-        f"(batch {protocol['batch_size']}, seq {protocol['seq_len']}, seed {protocol['seed']})")
+  print(f"\nsweep {summary['name']} at step {protocol['steps']}: token accuracy per eval set of the best lr per "
+        f"model, chosen by the mean of the metric `by` (acc@lrs: that metric at each lr) (batch "
+        f"{protocol['batch_size']}, seq {protocol['seq_len']}, seed {protocol['seed']})")
   print(format_table(table, list(table[0])))
   write_json(out, summary)
   print(f"wrote {plot(summary, os.path.splitext(out)[0] + '.png')}")
@@ -376,13 +401,13 @@ def plot_stages(name: str, stages: list[int], out: str) -> str:
     path = out if steps == stages[-1] else f"{base}_steps{steps}.json"
     with open(path) as f:
       for m in json.load(f)["models"]:
-        curves.setdefault(m["label"], []).append((steps, m["mean_accuracy"]))
+        curves.setdefault(m["label"], []).append((steps, m.get("score", m["mean_accuracy"])))
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, pts in curves.items():
     ax.plot(*zip(*pts), marker="o", label=label)
   ax.set_xscale("log")
   ax.set_xlabel("training steps")
-  ax.set_ylabel("mean eval accuracy (best lr at that step)")
+  ax.set_ylabel("mean eval selection metric (best lr at that step)")
   ax.set_title(f"{name}: accuracy against training steps")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -6,12 +6,16 @@ r"""The model zoo on the memory benchmark suite: every tiny model, trained under
 For each training task it runs `experiments.sweep` over ZOO (every model, the learning rates, one seed; finished
 runs are reused and unfinished ones resume: the sweep skips what is done) in runs/sweep_<task>, the directory the
 Titans and MoM results sweeps use with the same protocol (PROTOCOL below, the same labels), so a run trained by
-either is trained once; then `experiments.evaluate` on the best learning rate's run of every model (an
-evaluation already written for that checkpoint step is reused), and `experiments.compare` over those runs,
-written to bench_results/zoo_<task>.{md,json,png}. It goes stage by stage (every task to 250 steps, then every
-task to 500, ...), each stage ending in those tables: stopping it at any point and running it again continues,
-and the tables on disk are those of the last finished stage. A run directory trained under another protocol
-(e.g. another batch size) is refused by the sweep, naming the differences: move it away.
+either is trained once; then `experiments.evaluate` on the best learning rate's run of every model at the
+stage's checkpoint (the zoo keeps every checkpoint at a multiple of the stages' gcd; an evaluation already
+written for that step is reused), and `experiments.compare` over those runs, written to
+bench_results/zoo_<task>_step<N>.{md,json,png} and (the stage finished last) bench_results/zoo_<task>.*. It goes
+stage by stage (every task to 250 steps, then every task to 500, ...), each stage ending in those tables:
+stopping it at any point and running it again continues. A run trained past a stage before its stage checkpoints
+were kept is evaluated at its earliest checkpoint after the stage (said, and in the table's step column). The
+best lr is chosen by the sweep's selection metric (token accuracy for MQAR, exact match otherwise). A run
+directory trained under another protocol (e.g. another batch size) is refused by the sweep, naming the
+differences: move it away.
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
 experiments/sweep.py.
 
@@ -21,7 +25,7 @@ This is a thin driver: it has not been run to completion here (it takes hours on
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 
 from experiments import compare, evaluate, sweep
@@ -52,19 +56,14 @@ def available() -> dict[str, str]:
   return {label: spec for label, spec in ZOO.items() if os.path.isfile(spec.partition(":")[0])}
 
 
-def latest_step(workdir: str) -> int | None:
-  from memarch.checkpoint import Checkpointer  # noqa: PLC0415
+def stage_checkpoint(workdir: str, steps: int) -> int | None:
+  """The checkpoint step at which to evaluate a run at stage `steps`: that step, else the earliest after it (a
+  run trained further before stage checkpoints were kept), else the latest."""
+  from memarch.train import checkpoint_steps  # noqa: PLC0415
 
-  steps = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000, async_save=False).all_steps()
-  return max(steps) if steps else None
-
-
-def evaluated_at(workdir: str, step: int | None) -> bool:
-  path = os.path.join(workdir, "eval", "results.json")
-  if not os.path.exists(path) or step is None:
-    return False
-  with open(path) as f:
-    return json.load(f).get("step") == step
+  have = checkpoint_steps(workdir)
+  after = [s for s in have if s >= steps]
+  return min(after) if after else (max(have) if have else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,14 +88,18 @@ def main(argv: list[str] | None = None) -> None:
       raise ValueError(f"--tasks: {task!r} is not one of {sorted(EVAL_TASKS)}.")
   # Stage by stage across the tasks, each stage ending in a table: a zoo stopped at any point has the
   # comparison of its last finished stage on disk, for every task.
-  for steps in sorted({int(x) for x in args.stages.split(",") if x}):
+  stages = sorted({int(x) for x in args.stages.split(",") if x})
+  # Every stage's checkpoint outlives the training of the later ones, to be evaluated at its own step.
+  args.keep_period = math.gcd(*stages)
+  for steps in stages:
     for task in tasks:
       run_task_stage(task, steps, models, args)
 
 
 def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
   """Every model of `models` trained to `steps` on `task` (best of the lrs), its best run evaluated, compared."""
-  sets = [x for item in [*PROTOCOL, *args.overrides] for x in ("--set", item)]
+  keep = [f"train.keep_period={args.keep_period}"] if getattr(args, "keep_period", 0) else []
+  sets = [x for item in [*PROTOCOL, *keep, *args.overrides] for x in ("--set", item)]
   summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", str(steps),
                         "--workdir", os.path.join("runs", f"sweep_{task}"), *sets,
                         "--configs", *[f"{k}={v}" for k, v in models.items()]])
@@ -105,15 +108,18 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
     best = next(r for r in summary["runs"] if r["label"] == m["label"] and r["lr"] == m["best_lr"])
     if best["diverged"]:
       continue
-    # The latest checkpoint may be past this stage when another sweep trained the run further: the
-    # evaluation names the step it used (compare's table shows it).
-    if not evaluated_at(best["workdir"], latest_step(best["workdir"])):
+    step = stage_checkpoint(best["workdir"], steps)
+    if step != steps:
+      print(f"  {best['workdir']}: no checkpoint at step {steps} (trained further before stages were kept); "
+            f"evaluating step {step}", flush=True)
+    if not evaluate.reuse(best["workdir"], step):
       evaluate.evaluate(best["workdir"], tasks=[EVAL_TASKS[task]], lengths=evaluate.parse_lengths(args.lengths),
-                        num_examples=args.num_examples)
+                        num_examples=args.num_examples, step=step)
     runs.append(best["workdir"])
   if runs:
-    compare.compare(runs, os.path.join("bench_results", f"zoo_{task}"))
-    print(f"zoo {task} at step {steps}: bench_results/zoo_{task}.md", flush=True)
+    for out in (f"zoo_{task}_step{steps}", f"zoo_{task}"):
+      compare.compare(runs, os.path.join("bench_results", out))
+    print(f"zoo {task} at step {steps}: bench_results/zoo_{task}_step{steps}.md", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -127,9 +127,12 @@ def manifest_differences(saved: dict, current: dict) -> list[str]:
 class Checkpointer:
   """A thin layer over `ocp.CheckpointManager` for the training loop, with integrity records (see above)."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True, verify: bool = True):
+  def __init__(self, directory: str, *, keep: int, keep_period: int = 0, async_save: bool = True,
+               verify: bool = True):
     directory = os.path.abspath(directory)  # orbax refuses relative paths in some save paths
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    # keep_period: steps that are multiples of it outlive the `keep` most recent (a sweep's stage checkpoints).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None, create=True,
+                                           enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "manifest"))
     self.directory = directory
     self.verify = verify

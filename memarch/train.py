@@ -129,7 +129,16 @@ def make_train_step(model, optimizer, schedule):
 def make_eval_step(model):
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch))
-    return cross_entropy(logits, batch["targets"], loss_mask(model, batch))
+    mask = loss_mask(model, batch)
+    sums = cross_entropy(logits, batch["targets"], mask)
+    # Exact match per sequence: every loss-masked token right. On a QA row (the answer is the masked span)
+    # this is what greedy decoding after a prefill would score, and the metric a sweep should pick by: a
+    # 7-byte answer whose format fixes 6 bytes has 6/7 token accuracy when it is always wrong.
+    wrong = jnp.sum((jnp.argmax(logits, axis=-1) != batch["targets"]) * mask, axis=-1)
+    has_answer = jnp.sum(mask, axis=-1) > 0
+    sums["exact_sum"] = jnp.sum((wrong == 0) & has_answer).astype(jnp.float32)
+    sums["rows"] = jnp.sum(has_answer).astype(jnp.float32)
+    return sums
 
   return eval_step
 
@@ -173,22 +182,25 @@ def check_batch(batch: dict[str, np.ndarray], vocab_size: int) -> None:
 
 
 def evaluate(eval_step_fn, params, eval_sets, *, mesh, vocab_size: int, max_batches: int = 0) -> dict[str, float]:
-  """Loss, perplexity and token accuracy (on loss-masked positions) for each eval set."""
+  """Loss, perplexity, token accuracy (on loss-masked positions) and exact match (rows with every loss-masked
+  token right) for each eval set."""
   out = {}
   for name, batches in eval_sets.items():
-    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0, "exact_sum": 0.0, "rows": 0.0}
     for i, batch in enumerate(batches):
       if max_batches and i >= max_batches:
         break
       check_batch(batch, vocab_size)
       sums = jax.device_get(eval_step_fn(params, shard_lib.place_batch(batch, mesh)))
       for k in totals:
-        totals[k] += float(sums[k])
+        totals[k] += float(sums.get(k, 0.0))
     count = max(totals["count"], 1.0)
     loss = totals["loss_sum"] / count
     out[f"{name}/loss"] = loss
     out[f"{name}/perplexity"] = float(np.exp(min(loss, 50.0)))
     out[f"{name}/accuracy"] = totals["correct_sum"] / count
+    if totals["rows"]:
+      out[f"{name}/exact"] = totals["exact_sum"] / totals["rows"]
   return out
 
 
@@ -299,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+      keep_period=config.train.get("keep_period", 0),
       async_save=config.train.async_checkpoint, verify=config.train.verify_checkpoints,
   )
   # The live state's arrays carry their shardings (state_sh has a sharding where optax keeps an empty
@@ -413,27 +426,36 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str):
-  """(config, model, params, step) of the latest usable checkpoint in `workdir` (parameters only)."""
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints in `workdir` (a training run's directory), ascending; [] when none."""
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000, async_save=False).all_steps()
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(config, model, params, step) of the latest usable checkpoint in `workdir` (parameters only), or of the
+  checkpoint at `step` (an error naming the steps there when it is missing or damaged)."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   config = load_config(workdir)
   model_config = resolve_model_config(config, data_lib.data_info(config.data))
   model = build_model(model_config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000, async_save=False)
+  steps = ckpt.all_steps()
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}/checkpoints (it has {steps or 'none'}).")
   errors = []
-  for step in reversed(ckpt.all_steps()):
-    problems = ckpt.problems(step)
+  for candidate in reversed(steps if step is None else [step]):
+    problems = ckpt.problems(candidate)
     if problems:
-      errors.append(f"step {step}: " + "; ".join(problems))
+      errors.append(f"step {candidate}: " + "; ".join(problems))
       continue
-    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                            manifest=ocp.args.JsonRestore()))
+    out = ckpt.manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 manifest=ocp.args.JsonRestore()))
     saved = out["manifest"].get("model")
     if saved is not None:
       diffs = ckpt_lib.manifest_differences({"model": saved}, {"model": json.loads(json.dumps(model_config.to_dict()))})
       if diffs:
         raise ValueError(f"the checkpoint in {workdir} does not match its config.json:\n  " + "\n  ".join(diffs))
-    return config, model, jax.tree.map(jnp.asarray, out["state"]["params"]), step
+    return config, model, jax.tree.map(jnp.asarray, out["state"]["params"]), candidate
   raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints" + (f" (damaged: {errors})" if errors else "")
                           + ": train the run first.")

@@ -106,3 +106,21 @@ def test_babilong_runs_are_evaluated_on_stories_of_their_training_size():
     evaluate.plan(c, ["babilong_qa2"], [256], [], "", 2, 0)[0]["make"]()
   with pytest.raises(ValueError, match="babilong_qa1"):
     evaluate.plan(c, ["babilong_qa9"], [256], [], "", 2, 0)
+
+
+def test_an_evaluation_per_step_is_kept_and_reused(runs, tmp_path):
+  """evaluate keeps results_step<N>.json; reuse() makes an earlier step's results.json again without running."""
+  import shutil
+  src = runs[1]  # the MQAR run
+  run = str(tmp_path / "run")
+  shutil.copytree(src, run)
+  first = evaluate.evaluate(run, tasks=["mqar"], lengths=[64], num_examples=2, progress=False)
+  step = first["step"]
+  assert evaluate.reuse(run, step) and not evaluate.reuse(run, step + 1)
+  with open(os.path.join(run, "eval", "results.json"), "w") as f:
+    json.dump({"step": step + 1}, f)  # a later step's evaluation written since
+  assert evaluate.reuse(run, step)
+  with open(os.path.join(run, "eval", "results.json")) as f:
+    assert json.load(f)["results"] == first["results"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step"):
+    evaluate.evaluate(run, tasks=["mqar"], lengths=[64], num_examples=2, progress=False, step=step + 1)

@@ -57,6 +57,24 @@ def test_a_run_of_another_protocol_is_not_resumed(tmp_path):
   other_lr = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8"], 0.003)
   with pytest.raises(ValueError, match=r"optim\.lr"):
     sweep.check_resumable(other_lr, str(tmp_path))
+  # The model section as a checkpoint's: a layout key, or a key added later at its old default, is the same
+  # run; another model is not.
+  layout = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8", "model.remat=True"],
+                         0.01)
+  sweep.check_resumable(layout, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  saved["model"].pop("memory_optimizer", None)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  added = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8"], 0.01)
+  with added.unlocked():
+    added.model.memory_optimizer = "momentum"
+  sweep.check_resumable(added, str(tmp_path))
+  deeper = sweep.prepare("configs/transformer.py:size=tiny", "mqar256", ["train.batch_size=8", "model.num_layers=3"],
+                         0.01)
+  with pytest.raises(ValueError, match=r"model\.num_layers"):
+    sweep.check_resumable(deeper, str(tmp_path))
 
 
 def test_niah_task_evaluates_beyond_the_training_length():
@@ -97,3 +115,20 @@ def test_stages_extend_runs_and_match_a_straight_run(tmp_path, monkeypatch):
     assert json.load(f)["step"] == 3
   again = sweep.main(["--name", "staged", "--stages", "3,6", "--configs", f"tf={cfg}:size=tiny", *common])
   assert again["runs"][0]["eval"] == staged["runs"][0]["eval"]
+
+
+def _run(lr, acc, exact=None, diverged=False):
+  ev = {} if diverged else {"a/accuracy": acc, "b/accuracy": acc, **({"a/exact": exact, "b/exact": exact}
+                                                                      if exact is not None else {})}
+  return {"lr": lr, "eval": ev, "diverged": diverged}
+
+
+def test_best_lr_is_chosen_by_the_task_metric():
+  # Token accuracy and exact match disagree: a QA sweep picks by exact match, MQAR by token accuracy.
+  runs = [_run(1e-3, 0.9, 0.0), _run(3e-3, 0.8, 0.5), _run(1e-2, None, diverged=True)]
+  assert sweep.best_run(runs, "exact") == (runs[1], "exact")
+  assert sweep.best_run(runs, "accuracy") == (runs[0], "accuracy")
+  assert sweep.SELECTION_METRIC["passkey1k"] == "exact" and sweep.SELECTION_METRIC["mqar256"] == "accuracy"
+  # A result recorded before exact match existed: every lr of that model is ranked by token accuracy.
+  old = [_run(1e-3, 0.9), _run(3e-3, 0.8, 0.5)]
+  assert sweep.best_run(old, "exact") == (old[0], "accuracy")

@@ -13,7 +13,7 @@ import pytest
 from configs import base, transformer
 from memarch import sharding
 from memarch.metrics import read_metrics
-from memarch.train import train_and_evaluate
+from memarch.train import checkpoint_steps, load_run, make_eval_step, train_and_evaluate
 from tests.conftest import REPO, clean_env
 
 
@@ -98,6 +98,29 @@ def test_resume_gives_the_same_parameters(tmp_path):
   # A finished run restarted does no more steps and reports the restored model's evaluation.
   again = train_and_evaluate(c, str(tmp_path / "resumed"))
   assert again.step == 8 and again.eval_metrics == pytest.approx(second.eval_metrics)
+  # A finished run loads at its latest checkpoint, or at a kept one by step; a missing step names those there.
+  assert checkpoint_steps(str(tmp_path / "resumed")) == [4, 6, 8]
+  *_, params8, step8 = load_run(str(tmp_path / "resumed"))
+  *_, params6, step6 = load_run(str(tmp_path / "resumed"), step=6)
+  assert (step8, step6) == (8, 6)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params6)))
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 .*\[4, 6, 8\]"):
+    load_run(str(tmp_path / "resumed"), step=5)
+
+
+@pytest.mark.timeout(60)
+def test_eval_step_counts_exact_rows():
+  """Exact match: the rows whose every loss-masked token is right; rows without a masked token do not count."""
+
+  class Fixed:  # a "model" whose logits predict token 1 everywhere
+    def apply(self, variables, inputs, **_):
+      return jax.nn.one_hot(np.ones(inputs.shape, np.int32), 4) * 5.0
+
+  targets = np.array([[1, 1, 0, 1], [1, 0, 1, 1], [0, 0, 0, 0]], np.int32)
+  mask = np.array([[1, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]], np.float32)  # row 0 right, row 1 one wrong
+  batch = {"inputs": np.zeros_like(targets), "targets": targets, "loss_mask": mask}
+  sums = jax.device_get(make_eval_step(Fixed())(None, batch))
+  assert (sums["correct_sum"], sums["count"], sums["exact_sum"], sums["rows"]) == (5, 6, 1, 2)
 
 
 @pytest.mark.timeout(120)
