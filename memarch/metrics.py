@@ -95,7 +95,9 @@ def _fmt_time(seconds: float) -> str:
 class Progress:
   """Progress output: a tqdm bar on a terminal, plain lines otherwise (logs, CI, notebooks' stdout).
 
-  `update(step, scalars)` reports step, loss, steps/s, tokens/s and ETA.
+  `update(step, scalars)` reports step, loss, steps/s, tokens/s and ETA. The rates are those of the interval
+  since the previous update (the first interval includes compilation): a cumulative average would carry the
+  compile time into every later figure, and a resumed run's into all of its.
   """
 
   def __init__(self, total: int, start: int, tokens_per_step: int, mode: str = "auto", enabled: bool = True):
@@ -105,7 +107,7 @@ class Progress:
       mode = "bar" if sys.stderr.isatty() else "lines"
     self.mode = mode if enabled else "none"
     self.total, self.tokens_per_step = total, tokens_per_step
-    self._t0, self._s0 = time.perf_counter(), start
+    self._t_last = time.perf_counter()
     self._bar = None
     if self.mode == "bar":
       from tqdm.auto import tqdm  # noqa: PLC0415
@@ -114,8 +116,9 @@ class Progress:
     self._last = start
 
   def rates(self, step: int) -> tuple[float, float, float]:
-    elapsed = time.perf_counter() - self._t0
-    sps = (step - self._s0) / elapsed if elapsed > 0 else 0.0
+    """(steps/s, tokens/s, seconds left) over the interval since the last update."""
+    elapsed = time.perf_counter() - self._t_last
+    sps = (step - self._last) / elapsed if elapsed > 0 else 0.0
     eta = (self.total - step) / sps if sps > 0 else float("nan")
     return sps, sps * self.tokens_per_step, eta
 
@@ -132,7 +135,7 @@ class Progress:
           f"{tps:,.0f} tok/s  eta {eta_s}  {extra}",
           flush=True,
       )
-    self._last = step
+    self._last, self._t_last = step, time.perf_counter()
 
   def message(self, text: str) -> None:
     if self.mode == "bar":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import pytest
 
@@ -33,3 +34,14 @@ def test_writer_progress_and_plot(tmp_path, capsys):
   assert os.path.getsize(png) > 1000
   with pytest.raises(ValueError, match="no metrics"):
     plot_runs([str(tmp_path / "missing")], str(tmp_path / "x.png"))
+
+
+def test_progress_rates_are_per_interval(monkeypatch):
+  """A slow first interval (compilation) does not lower the later rates (a cumulative average would)."""
+  clock = iter([0.0, 100.0, 100.0, 101.0, 103.0])
+  monkeypatch.setattr("memarch.metrics.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  q = Progress(total=100, start=0, tokens_per_step=64, mode="none")  # t = 0
+  assert q.rates(10)[0] == pytest.approx(0.1)  # t = 100: 10 steps in 100 s
+  q.update(10, {})  # t = 100 (its own rates call), then the interval restarts at t = 101
+  sps, tps, eta = q.rates(20)  # t = 103: 10 steps in 2 s
+  assert (sps, tps, eta) == pytest.approx((5.0, 320.0, 16.0))
