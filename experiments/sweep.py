@@ -244,13 +244,15 @@ def mean_accuracy(eval_metrics: dict[str, float]) -> float:
 
 
 def best_run(runs: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], str]:
-  """The run of one model with the best mean `metric`, and the metric used: token accuracy when some finished
-  run has no `metric` recorded (its result predates exact match), so that all lrs are ranked by one metric."""
+  """The run of one model with the best mean `metric` (ties: the best token accuracy), and the metric used:
+  token accuracy when some finished run has no `metric` recorded (its result predates exact match), so that
+  all lrs are ranked by one metric."""
   finished = [r for r in runs if not r["diverged"]]
   if any(math.isnan(mean_metric(r["eval"], metric)) for r in finished):
     metric = "accuracy"
-  score = lambda r: -1.0 if math.isnan(mean_metric(r["eval"], metric)) else mean_metric(r["eval"], metric)
-  return max(runs, key=score), metric
+  # Ties (e.g. every lr at 0 exact match early in training) go to the better token accuracy.
+  value = lambda r, m: -1.0 if math.isnan(mean_metric(r["eval"], m)) else mean_metric(r["eval"], m)
+  return max(runs, key=lambda r: (value(r, metric), value(r, "accuracy"))), metric
 
 
 def plot(summary: dict[str, Any], out: str) -> str:

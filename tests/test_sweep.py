@@ -132,3 +132,5 @@ def test_best_lr_is_chosen_by_the_task_metric():
   # A result recorded before exact match existed: every lr of that model is ranked by token accuracy.
   old = [_run(1e-3, 0.9), _run(3e-3, 0.8, 0.5)]
   assert sweep.best_run(old, "exact") == (old[0], "accuracy")
+  tied = [_run(1e-3, 0.2, 0.0), _run(3e-3, 0.3, 0.0), _run(1e-2, 0.1, 0.0)]
+  assert sweep.best_run(tied, "exact") == (tied[1], "exact")  # no lr answers yet: the best token accuracy
