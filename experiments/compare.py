@@ -39,6 +39,13 @@ def state_bytes(config, length: int) -> int | None:
   return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache)))
 
 
+def run_name(workdir: str) -> str:
+  """The run's directory name; a sweep's `<label>/lr<lr>` directories are named with their model's label."""
+  path = os.path.normpath(workdir)
+  base = os.path.basename(path)
+  return f"{os.path.basename(os.path.dirname(path))}/{base}" if base.startswith("lr") else base
+
+
 def summarize(workdir: str) -> dict[str, Any]:
   """The comparison row of one evaluated run."""
   path = os.path.join(workdir, "eval", "results.json")
@@ -59,7 +66,7 @@ def summarize(workdir: str) -> dict[str, Any]:
   blocks = config.model.get("layer_blocks")
   model = f"{res['model']} [{', '.join(blocks)}]" if blocks else res["model"]
   return {
-      "run": os.path.basename(os.path.normpath(workdir)), "workdir": os.path.abspath(workdir),
+      "run": run_name(workdir), "workdir": os.path.abspath(workdir),
       "model": model, "data": res["data"], "step": res["step"], "train_length": res["train_length"],
       "params": params, "state_bytes_train_length": train_state, "longest_length": longest,
       "state_bytes_longest": state_bytes(config, longest) if longest else None,
@@ -141,7 +148,7 @@ def compare(workdirs: list[str], out: str) -> dict[str, Any]:
     raise ValueError("compare: give at least one evaluated run directory.")
   rows = [summarize(w) for w in workdirs]
   names = [r["run"] for r in rows]
-  for r, w in zip(rows, workdirs):  # a sweep's runs all end in lr<lr>: name them by their parent too
+  for r, w in zip(rows, workdirs):  # runs of one name from different directories: name them by their parent too
     if names.count(r["run"]) > 1:
       r["run"] = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(w))), r["run"])
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -124,3 +124,8 @@ def test_an_evaluation_per_step_is_kept_and_reused(runs, tmp_path):
     assert json.load(f)["results"] == first["results"]
   with pytest.raises(FileNotFoundError, match="no checkpoint at step"):
     evaluate.evaluate(run, tasks=["mqar"], lengths=[64], num_examples=2, progress=False, step=step + 1)
+
+
+def test_sweep_runs_are_named_by_their_model_label():
+  assert compare.run_name("runs/sweep_passkey1k/hmt/lr0.001") == "hmt/lr0.001"
+  assert compare.run_name("runs/mqar/") == "mqar"
