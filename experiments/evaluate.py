@@ -356,19 +356,24 @@ def evaluate(workdir: str, *, tasks: Sequence[str] = TASKS, lengths: Sequence[in
   return results
 
 
-def reuse(workdir: str, step: int) -> bool:
-  """Whether `workdir` has an evaluation of checkpoint `step`; if it is not the latest one written, it becomes
-  results.json again (plots redrawn), so that compare reads it. A zoo re-run evaluates nothing twice."""
+def reuse(workdir: str, step: int, tasks: Sequence[str] = (), lengths: Sequence[int] = ()) -> bool:
+  """Whether `workdir` has an evaluation of checkpoint `step` (covering `tasks` at `lengths`, when given); if
+  it is not the latest one written, it becomes results.json again (plots redrawn), so that compare reads it.
+  A zoo re-run evaluates nothing twice."""
   out_dir = os.path.join(workdir, "eval")
+  covers = lambda r: (r.get("step") == step and set(tasks) <= set(r.get("tasks", ()))
+                      and set(lengths) <= set(r.get("lengths", ())))
   current, kept = os.path.join(out_dir, "results.json"), os.path.join(out_dir, f"results_step{step}.json")
   if os.path.exists(current):
     with open(current) as f:
-      if json.load(f).get("step") == step:
+      if covers(json.load(f)):
         return True
   if not os.path.exists(kept):
     return False
   with open(kept) as f:
     results = json.load(f)
+  if not covers(results):
+    return False
   results["plots"] = [os.path.basename(p) for p in plot_results(results["results"], out_dir)]
   with open(current, "w") as f:
     json.dump(results, f, indent=1)

@@ -112,9 +112,10 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
     if step != steps:
       print(f"  {best['workdir']}: no checkpoint at step {steps} (trained further before stages were kept); "
             f"evaluating step {step}", flush=True)
-    if not evaluate.reuse(best["workdir"], step):
-      evaluate.evaluate(best["workdir"], tasks=[EVAL_TASKS[task]], lengths=evaluate.parse_lengths(args.lengths),
-                        num_examples=args.num_examples, step=step)
+    lengths = evaluate.parse_lengths(args.lengths)
+    if not evaluate.reuse(best["workdir"], step, [EVAL_TASKS[task]], lengths):
+      evaluate.evaluate(best["workdir"], tasks=[EVAL_TASKS[task]], lengths=lengths, num_examples=args.num_examples,
+                        step=step)
     runs.append(best["workdir"])
   if runs:
     for out in (f"zoo_{task}_step{steps}", f"zoo_{task}"):

@@ -117,6 +117,8 @@ def test_an_evaluation_per_step_is_kept_and_reused(runs, tmp_path):
   first = evaluate.evaluate(run, tasks=["mqar"], lengths=[64], num_examples=2, progress=False)
   step = first["step"]
   assert evaluate.reuse(run, step) and not evaluate.reuse(run, step + 1)
+  assert evaluate.reuse(run, step, ["mqar"], [64]) and not evaluate.reuse(run, step, ["mqar"], [128])
+  assert not evaluate.reuse(run, step, ["passkey"])
   with open(os.path.join(run, "eval", "results.json"), "w") as f:
     json.dump({"step": step + 1}, f)  # a later step's evaluation written since
   assert evaluate.reuse(run, step)
