@@ -131,8 +131,8 @@ def make_eval_step(model):
     logits = model.apply({"params": params}, batch["inputs"], **_model_inputs(batch))
     mask = loss_mask(model, batch)
     sums = cross_entropy(logits, batch["targets"], mask)
-    # Exact match per sequence: every loss-masked token right. On a QA row (the answer is the masked span)
-    # this is what greedy decoding after a prefill would score, and the metric a sweep should pick by: a
+    # Exact match per row: every loss-masked token right. On a QA eval row (one example, the answer is the
+    # masked span) this is what greedy decoding after a prefill would score, and the metric a sweep should pick by: a
     # 7-byte answer whose format fixes 6 bytes has 6/7 token accuracy when it is always wrong.
     wrong = jnp.sum((jnp.argmax(logits, axis=-1) != batch["targets"]) * mask, axis=-1)
     has_answer = jnp.sum(mask, axis=-1) > 0
