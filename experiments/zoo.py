@@ -49,6 +49,10 @@ ZOO = {
 PROTOCOL = ["train.batch_size=16", "optim.schedule=constant", "optim.warmup_steps=50", "train.log_every=50",
             "train.eval_every=0", "train.checkpoint_every=50", "train.seed=0"]
 EVAL_TASKS = {"mqar256": "mqar", "passkey1k": "passkey", "niah1k": "niah_noise"}
+# Evaluation lengths per task (--lengths overrides them for every task). MQAR at length T adds the setting
+# (T, T/4) to the run's own eval settings: (512, 128) is the extrapolation test that the zoo's vocabulary
+# (512: 255 key ids) can hold; (1024, 256) needs 256 distinct keys, which it cannot.
+EVAL_LENGTHS = {"mqar256": "512", "passkey1k": "1k,4k,16k", "niah1k": "1k,4k,16k"}
 
 
 def available() -> dict[str, str]:
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
   p.add_argument("--stages", default="250,500,1000,2000",
                  help="training steps at which every model is evaluated (the sweep's --stages); the last is final")
-  p.add_argument("--lengths", default="1k,4k,16k")
+  p.add_argument("--lengths", default="", help="evaluation lengths for every task (default: EVAL_LENGTHS)")
   p.add_argument("--num_examples", type=int, default=32)
   p.add_argument("--only", default="", help="comma-separated labels of ZOO to run (default: all available)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -112,7 +116,7 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
     if step != steps:
       print(f"  {best['workdir']}: no checkpoint at step {steps} (trained further before stages were kept); "
             f"evaluating step {step}", flush=True)
-    lengths = evaluate.parse_lengths(args.lengths)
+    lengths = evaluate.parse_lengths(args.lengths or EVAL_LENGTHS[task])
     if not evaluate.reuse(best["workdir"], step, [EVAL_TASKS[task]], lengths):
       evaluate.evaluate(best["workdir"], tasks=[EVAL_TASKS[task]], lengths=lengths, num_examples=args.num_examples,
                         step=step)
