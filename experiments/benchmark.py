@@ -1,7 +1,8 @@
 """Benchmarks: `python -m experiments.benchmark NAME [options]`; each prints a table and writes JSON.
 
 Names: attention (kernels.attention), scan (kernels.linear_scan / decay_scan), models (whole models: train
-throughput, scaling with length, decoding, roofline, compile time), plan (what a config needs on a device mesh).
+throughput, scaling with length, decoding, roofline, compile time), plan (what a config needs on a device mesh),
+zoo (the zoo's models on its tasks: train speed and the CPU time of a zoo stage).
 `python -m experiments.benchmark NAME --help` lists a benchmark's options.
 """
 
@@ -19,6 +20,8 @@ BENCHMARKS = {
     "models": "experiments.benchmarks.models",
     # launch planner: parameters, FLOPs, per-device memory, communication and step time on a mesh, without running
     "plan": "experiments.benchmarks.plan",
+    # the zoo's models on the zoo's tasks: train tokens per CPU second, and the CPU hours of a zoo stage
+    "zoo": "experiments.benchmarks.zoo",
 }
 
 

@@ -154,3 +154,18 @@ def test_remat_keeps_parameters_loss_and_gradients(scan):
   logits = jax.jit(lambda p, t: mr.apply({"params": p}, t))(params, tokens)
   out, _ = jax.jit(lambda p, t, c: mr.apply({"params": p}, t, c, method=mr.prefill))(params, tokens, mr.init_cache(2, 16))
   np.testing.assert_allclose(out, logits, atol=1e-5)
+
+
+def test_zoo_cost_times_the_zoo_config_on_the_task_data(tmp_path):
+  from experiments.benchmarks import zoo as zoo_cost
+
+  out = tmp_path / "zoo_cost.json"
+  zoo_cost.main(["--tasks", "passkey1k", "--models", "swa", "--budget-s", "0.1", "--out", str(out)])
+  (row,) = json.load(open(out))["rows"]
+  assert (row["task"], row["model"], row["seq"], row["batch"]) == ("passkey1k", "swa", 1024, 2)
+  assert row["protocol_batch"] == 16
+  assert row["tokens_per_cpu_s"] == pytest.approx(2 * 1024 / row["step_cpu_s"])
+  # A stage: 250 steps x 16 rows x 1024 tokens x 3 lrs at that speed.
+  assert row["stage_cpu_h"] == pytest.approx(250 * 16 * 1024 * 3 / row["tokens_per_cpu_s"] / 3600)
+  with pytest.raises(SystemExit, match="unknown model"):
+    zoo_cost.main(["--models", "nope"])
