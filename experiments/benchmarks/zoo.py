@@ -89,6 +89,7 @@ def main(argv: list[str]) -> dict:
       rows.append(row)
       lines = H.format_table([row], cols).splitlines()
       print("\n".join(lines if label == labels[0] else lines[-1:]), flush=True)
+    print(f"\n{task} (aligned):\n" + H.format_table([r for r in rows if r["task"] == task], cols), flush=True)
     total = sum(r["stage_cpu_h"] for r in rows if r["task"] == task)
     print(f"{task}: a stage of {args.stage} steps for these {len(labels)} models: {total:.1f} CPU hours", flush=True)
   H.write_json(args.out, {"settings": {"batch": args.batch, "stage": args.stage, "lrs": args.lrs, "cores": cores,
