@@ -7,7 +7,8 @@ Each run must have been evaluated (`python -m experiments.evaluate --workdir run
 kv settings of that length), parameters, decoding-state bytes per sequence at the training length and at the
 longest evaluated length (attention: its KV cache; memories: their state), and training tokens/s (median of
 metrics.jsonl's train intervals after the first). Writes `<out>.md`, `<out>.json`, `<out>_accuracy.png`
-(accuracy against length per task) and `<out>_mqar_state.png` (Zoology's plot: MQAR accuracy against state size).
+(accuracy against length per task) and, when a run was evaluated on MQAR, `<out>_mqar_state.png` (Zoology's plot:
+MQAR accuracy against state size).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def plot(rows: list[dict[str, Any]], out: str) -> list[str]:
     paths.append(out + "_accuracy.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+  if all(r["mqar_accuracy"] is None for r in rows):  # no MQAR evaluation: no Zoology plot
+    return paths
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for r in rows:
     if r["mqar_accuracy"] is not None:
