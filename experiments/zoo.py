@@ -13,7 +13,9 @@ bench_results/zoo_<task>_step<N>.{md,json,png} and (the stage finished last) ben
 stage by stage (every task to 250 steps, then every task to 500, ...), each stage ending in those tables:
 stopping it at any point and running it again continues. A run trained past a stage before its stage checkpoints
 were kept is evaluated at its earliest checkpoint after the stage (said, and in the table's step column). The
-best lr is chosen by the sweep's selection metric (token accuracy for MQAR, exact match otherwise). A run
+best lr is chosen by the sweep's selection metric (token accuracy for MQAR, exact match otherwise). Zoos can
+run side by side, one per core, each `--only` some models: each trains its own, and its tables show every model
+that has finished the stage. A run
 directory trained under another protocol (e.g. another batch size) is refused by the sweep, naming the
 differences: move it away.
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                  help="training steps at which every model is evaluated (the sweep's --stages); the last is final")
   p.add_argument("--lengths", default="", help="evaluation lengths for every task (default: EVAL_LENGTHS)")
   p.add_argument("--num_examples", type=int, default=32)
-  p.add_argument("--only", default="", help="comma-separated labels of ZOO to run (default: all available)")
+  p.add_argument("--only", default="", help="comma-separated labels of ZOO to train (default: all available); "
+                 "the tables also show every other model whose runs have finished the stage")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="extra overrides for every run after PROTOCOL (a changed protocol needs its own run "
                       "directories: the sweep refuses to extend runs of another one)")
@@ -100,8 +103,19 @@ def main(argv: list[str] | None = None) -> None:
       run_task_stage(task, steps, models, args)
 
 
+def stage_finished(task: str, label: str, steps: int, lrs: list[float]) -> bool:
+  """Whether every lr's run of `label` on `task` has finished stage `steps` (or diverged)."""
+  runs = [os.path.join("runs", f"sweep_{task}", label, f"lr{lr:g}") for lr in lrs]
+  done = lambda run: any(os.path.exists(os.path.join(run, name)) for name in (f"result_step{steps}.json",
+                                                                              "diverged.json"))
+  return all(done(r) for r in runs)
+
+
 def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
-  """Every model of `models` trained to `steps` on `task` (best of the lrs), its best run evaluated, compared."""
+  """Every model of `models` trained to `steps` on `task` (best of the lrs), its best run evaluated, compared
+  with every other available model that has finished the stage (zoos run side by side with --only share tables)."""
+  lrs = [float(x) for x in args.lrs.split(",") if x]
+  models = {k: v for k, v in available().items() if k in models or stage_finished(task, k, steps, lrs)}
   keep = [f"train.keep_period={args.keep_period}"] if getattr(args, "keep_period", 0) else []
   sets = [x for item in [*PROTOCOL, *keep, *args.overrides] for x in ("--set", item)]
   summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", str(steps),

@@ -47,3 +47,23 @@ def test_stage_checkpoint_falls_back_to_the_earliest_after_the_stage(tmp_path, m
   assert zoo.stage_checkpoint("run", 950) == 950
   assert zoo.stage_checkpoint("run", 250) == 900
   assert zoo.stage_checkpoint("run", 2000) == 1000
+
+
+def test_zoos_run_with_only_share_their_tables(tmp_path, monkeypatch):
+  """A zoo training one model (--only b) tabulates every model that has finished the stage (a, trained by
+  another --only zoo), and trains nothing of it again."""
+  cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
+  monkeypatch.setattr(zoo, "ZOO", {"a": f"{cfg}:size=tiny", "b": f"{cfg}:size=tiny,window=8"})
+  monkeypatch.chdir(tmp_path)
+  args = ["--tasks", "mqar256", "--stages", "1", "--lrs", "3e-3", "--lengths", "64", "--num_examples", "2",
+          "--set", "train.batch_size=2", "--set", "optim.warmup_steps=1", "--set", "eval.max_batches=1",
+          "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
+          "--set", "data.mqar.use_tfds=False"]
+  zoo.main([*args, "--only", "a"])
+  result = os.path.join("runs", "sweep_mqar256", "a", "lr0.003", "result_step1.json")
+  mtime = os.path.getmtime(result)
+  assert zoo.stage_finished("mqar256", "a", 1, [3e-3]) and not zoo.stage_finished("mqar256", "b", 1, [3e-3])
+  zoo.main([*args, "--only", "b"])
+  with open(os.path.join("bench_results", "zoo_mqar256_step1.json")) as f:
+    assert [r["run"] for r in json.load(f)["runs"]] == ["a/lr0.003", "b/lr0.003"]
+  assert os.path.getmtime(result) == mtime
