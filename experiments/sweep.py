@@ -166,18 +166,38 @@ def train_tokens_per_sec(workdir: str) -> float | None:
   return float(np.median(rates)) if rates else None
 
 
+def run_dir(root: str, label: str, lr: float) -> str:
+  """Where a sweep keeps the run of model `label` at learning rate `lr`."""
+  return os.path.join(root, label, f"lr{lr:g}")
+
+
+def result_path(workdir: str, steps: int) -> str:
+  return os.path.join(workdir, f"result_step{steps}.json")
+
+
+def diverged_path(workdir: str) -> str:
+  return os.path.join(workdir, "diverged.json")
+
+
+def finished(workdir: str, steps: int) -> str | None:
+  """The record of a run that has finished stage `steps` or diverged (a diverged run stays diverged at every later
+  stage), or None while it still has to train."""
+  for path in (result_path(workdir, steps), diverged_path(workdir)):
+    if os.path.exists(path):
+      return path
+  return None
+
+
 def run_one(config, workdir: str) -> dict[str, Any]:
   """Trains one (model, lr) to config.train.steps, resuming its checkpoint; the result is kept per step count in
   `<workdir>/result_step<N>.json`, so re-running a sweep (or an earlier stage of it) retrains nothing."""
   steps = config.train.steps
-  record = os.path.join(workdir, f"result_step{steps}.json")
-  diverged = os.path.join(workdir, "diverged.json")
-  for path in (record, diverged):  # a diverged run stays diverged at every later stage
-    if os.path.exists(path):
-      with open(path) as f:
-        done = json.load(f)
-      print(f"  {workdir}: {'diverged' if path == diverged else 'finished'} earlier, reusing its result", flush=True)
-      return done
+  record, diverged = result_path(workdir, steps), diverged_path(workdir)
+  if path := finished(workdir, steps):
+    with open(path) as f:
+      done = json.load(f)
+    print(f"  {workdir}: {'diverged' if path == diverged else 'finished'} earlier, reusing its result", flush=True)
+    return done
   from memarch.train import train_and_evaluate  # noqa: PLC0415
 
   check_resumable(config, workdir)
@@ -342,7 +362,7 @@ def run_stage(args, specs, configs, root: str, steps: int, lrs: list[float]) -> 
   first = next(iter(configs.values()))
   runs = []
   for (label, lr), config in configs.items():
-    workdir = os.path.join(root, label, f"lr{lr:g}")
+    workdir = run_dir(root, label, lr)
     print(f"\n== {label} lr {lr:g} to step {steps} -> {workdir}", flush=True)
     t0 = time.time()
     done = run_one(config, workdir)

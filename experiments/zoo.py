@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def stage_finished(task: str, label: str, steps: int, lrs: list[float]) -> bool:
   """Whether every lr's run of `label` on `task` has finished stage `steps` (or diverged)."""
-  runs = [os.path.join("runs", f"sweep_{task}", label, f"lr{lr:g}") for lr in lrs]
-  done = lambda run: any(os.path.exists(os.path.join(run, name)) for name in (f"result_step{steps}.json",
-                                                                              "diverged.json"))
-  return all(done(r) for r in runs)
+  return all(sweep.finished(sweep.run_dir(sweep_root(task), label, lr), steps) for lr in lrs)
+
+
+def sweep_root(task: str) -> str:
+  return os.path.join("runs", f"sweep_{task}")
 
 
 def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
@@ -119,7 +120,7 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
   keep = [f"train.keep_period={args.keep_period}"] if getattr(args, "keep_period", 0) else []
   sets = [x for item in [*PROTOCOL, *keep, *args.overrides] for x in ("--set", item)]
   summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", str(steps),
-                        "--workdir", os.path.join("runs", f"sweep_{task}"), *sets,
+                        "--workdir", sweep_root(task), *sets,
                         "--configs", *[f"{k}={v}" for k, v in models.items()]])
   runs = []
   for m in summary["models"]:

@@ -169,3 +169,17 @@ def test_zoo_cost_times_the_zoo_config_on_the_task_data(tmp_path):
   assert row["stage_cpu_h"] == pytest.approx(250 * 16 * 1024 * 3 / row["tokens_per_cpu_s"] / 3600)
   with pytest.raises(SystemExit, match="unknown model"):
     zoo_cost.main(["--models", "nope"])
+
+
+def test_train_step_setup_keeps_the_given_batch_and_checks_its_shape():
+  model_cfg, config = harness.model_config("configs/transformer.py:size=tiny")
+  tokens = np.arange(2 * 17, dtype=np.int32).reshape(2, 17) % 50 + 1
+  given = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((2, 16), np.float32),
+           "segment_ids": np.repeat(np.array([[1] * 8 + [2] * 8]), 2, 0).astype(np.int32)}
+  step, state, data, mesh = harness.train_step_setup(model_cfg, config, batch=2, seq=16, data=given)
+  assert set(data) == set(given)
+  np.testing.assert_array_equal(data["inputs"], given["inputs"])
+  t = harness.time_train_step(step, state, data, mesh, budget_s=0.1)
+  assert t["timed_steps"] >= 2 and t["step_cpu_s"] > 0 and t["compile_s"] > 0
+  with pytest.raises(ValueError, match="expected"):
+    harness.train_step_setup(model_cfg, config, batch=2, seq=32, data=given)

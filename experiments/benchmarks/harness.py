@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, max_seconds: float = 30.0) -> float:
@@ -116,11 +117,11 @@ def model_config(spec: str, overrides: Sequence[str] = ()):
   return resolve_model_config(config, data_lib.data_info(config.data)), config
 
 
-def train_step_setup(model_cfg, config, *, batch: int, seq: int, seed: int = 0):
+def train_step_setup(model_cfg, config, *, batch: int, seq: int, seed: int = 0, data: dict | None = None):
   """A jitted train step of the model (forward, backward, AdamW update: `memarch.train.make_train_step`) with
-  its state and a random batch of `[batch, seq]` tokens: `(step, state, batch_dict, mesh)`. Call the step
-  inside `jax.set_mesh(mesh)`; it donates nothing, so the same state and batch can be timed repeatedly."""
-  import numpy as np  # noqa: PLC0415
+  its state and a batch of `[batch, seq]` tokens, `data` (a training batch: inputs, targets, loss_mask, maybe
+  segment ids) or else random tokens: `(step, state, batch_dict, mesh)`. Call the step inside
+  `jax.set_mesh(mesh)`; it donates nothing, so the same state and batch can be timed repeatedly."""
 
   from memarch import sharding as shard_lib  # noqa: PLC0415
   from memarch.models import build_model  # noqa: PLC0415
@@ -134,22 +135,55 @@ def train_step_setup(model_cfg, config, *, batch: int, seq: int, seed: int = 0):
   rules = shard_lib.logical_rules(config.mesh)
   state, _ = create_train_state(model, optimizer, seq_len=min(seq, 64), rng=jax.random.key(seed), mesh=mesh,
                                 rules=rules)
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(1, model_cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-  data = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-          "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+  if data is None:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, model_cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+  data = {k: jnp.asarray(v) for k, v in data.items()}
+  if data["inputs"].shape != (batch, seq):
+    raise ValueError(f"train_step_setup: data['inputs'] is {data['inputs'].shape}, expected {(batch, seq)}")
   step = jax.jit(make_train_step(model, optimizer, schedule))
   return step, state, data, mesh
 
 
-def time_train_step(step, state, data, mesh, *, iters: int = 3, max_seconds: float = 30.0) -> dict[str, float]:
-  """Compile time (lower + compile, s) and the median step time (s) of a `train_step_setup` step."""
+def time_calls(fn, *args, budget_s: float, max_iters: int = 5) -> tuple[float, float, int]:
+  """(median wall seconds, median CPU seconds of this process, calls timed): the first call (compilation done
+  beforehand), then more while the total stays within budget_s.
+
+  CPU time is what the computation itself took on its one core: on a machine shared with other jobs the wall
+  time also counts the time this process waited for the core, so ratios within a run use CPU time (on a quiet
+  machine the two agree)."""
+  walls, cpus = [], []
+  start = time.perf_counter()
+  while len(walls) < max_iters:
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    walls.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
+    # A second call always (unless the first alone took 10x the budget): the first carries one-off costs
+    # (allocating the step's buffers, page faults) and is dropped whenever there is another. Measured: a MAC
+    # step at 16k timed once read 1.46x the per-token time of 2k (a false "not flat" flag); timed twice, 1.11x.
+    if len(walls) >= 2 and time.perf_counter() - start + walls[-1] > budget_s:
+      break
+    if len(walls) == 1 and walls[0] > 10 * budget_s:
+      break
+  keep = slice(1, None) if len(walls) >= 2 else slice(None)
+  return float(np.median(walls[keep])), float(np.median(cpus[keep])), len(walls)
+
+
+def time_train_step(step, state, data, mesh, *, budget_s: float) -> dict[str, Any]:
+  """Compiles a `train_step_setup` step ahead of time and times it with `time_calls`: compile_s (lower +
+  compile), step_s and step_cpu_s (medians, wall and CPU), timed_steps."""
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    step_s = time_fn(lambda s, d: compiled(s, d)[1], state, data, warmup=1, iters=iters, max_seconds=max_seconds)
-  return {"compile_s": compile_s, "step_s": step_s}
+    step_s, cpu_s, n = time_calls(lambda s, d: compiled(s, d)[1], state, data, budget_s=budget_s)
+  return {"compile_s": compile_s, "step_s": step_s, "step_cpu_s": cpu_s, "timed_steps": n}
+
+
+def param_count(params) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def tree_bytes(tree) -> int:

@@ -115,31 +115,6 @@ def _with(config, overrides: dict[str, Any]):
   return ml_collections.FrozenConfigDict(d)
 
 
-def time_calls(fn, *args, budget_s: float, max_iters: int = 5) -> tuple[float, float, int]:
-  """(median wall seconds, median CPU seconds of this process, calls timed): the first call (compilation done
-  beforehand), then more while the total stays within budget_s.
-
-  CPU time is what the computation itself took on its one core: on a machine shared with other jobs the wall
-  time also counts the time this process waited for the core, so ratios within a run use CPU time (on a quiet
-  machine the two agree)."""
-  walls, cpus = [], []
-  start = time.perf_counter()
-  while len(walls) < max_iters:
-    t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    walls.append(time.perf_counter() - t0)
-    cpus.append(time.process_time() - c0)
-    # A second call always (unless the first alone took 10x the budget): the first carries one-off costs
-    # (allocating the step's buffers, page faults) and is dropped whenever there is another. Measured: a MAC
-    # step at 16k timed once read 1.46x the per-token time of 2k (a false "not flat" flag); timed twice, 1.11x.
-    if len(walls) >= 2 and time.perf_counter() - start + walls[-1] > budget_s:
-      break
-    if len(walls) == 1 and walls[0] > 10 * budget_s:
-      break
-  keep = slice(1, None) if len(walls) >= 2 else slice(None)
-  return float(np.median(walls[keep])), float(np.median(cpus[keep])), len(walls)
-
-
 _TRAIN_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
@@ -154,14 +129,10 @@ def measure_train(label: str, settings: Settings, *, seq: int, batch: int,
   if model_overrides:
     model_cfg = _with(model_cfg, model_overrides)
   step, state, data, mesh = H.train_step_setup(model_cfg, config, batch=batch, seq=seq)
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
-    step_s, cpu_s, n = time_calls(lambda s, d: compiled(s, d)[1], state, data, budget_s=settings.budget_s)
-  row = {"model": label, "seq": seq, "batch": batch, "compile_s": compile_s, "step_s": step_s, "step_cpu_s": cpu_s,
-         "timed_steps": n, "tokens_per_s": batch * seq / step_s, "tokens_per_cpu_s": batch * seq / cpu_s,
-         "us_per_token": 1e6 * cpu_s / (batch * seq)}
+  t = H.time_train_step(step, state, data, mesh, budget_s=settings.budget_s)
+  step_s, cpu_s = t["step_s"], t["step_cpu_s"]
+  row = {"model": label, "seq": seq, "batch": batch, **t, "tokens_per_s": batch * seq / step_s,
+         "tokens_per_cpu_s": batch * seq / cpu_s, "us_per_token": 1e6 * cpu_s / (batch * seq)}
   try:
     fl = flops_lib.model_flops(model_cfg, seq)
     row["train_flops_per_token"] = fl["per_token_train"]
@@ -170,9 +141,8 @@ def measure_train(label: str, settings: Settings, *, seq: int, batch: int,
   except NotImplementedError as e:
     row["train_flops_per_token"] = None
     row["flops_note"] = str(e).split(":")[0]
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-  row["params"] = int(params)
-  del state, step, compiled
+  row["params"] = H.param_count(state.params)
+  del state, step
   _TRAIN_CACHE[key] = row
   return row
 

@@ -19,14 +19,11 @@ Prints a table per task and writes bench_results/zoo_cost.json. Ratios between m
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import time
 
 import jax
 
 from experiments.benchmarks import harness as H
-from experiments.benchmarks.models import time_calls
 
 
 def measure(label: str, task: str, batch: int, budget_s: float) -> dict:
@@ -37,18 +34,11 @@ def measure(label: str, task: str, batch: int, budget_s: float) -> dict:
   config = sweep.prepare(zoo.ZOO[label], task, zoo.PROTOCOL, 1e-3)
   model_cfg = resolve_model_config(config, data_lib.data_info(config.data))
   seq = int(config.data.seq_len)
-  step, state, _, mesh = H.train_step_setup(model_cfg, config, batch=batch, seq=seq)
   it = data_lib.create_train_iterator(config.data, batch_size=batch, seed=0, process_index=0, process_count=1)
-  data = jax.tree.map(jax.numpy.asarray, next(it))
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
-    step_s, cpu_s, n = time_calls(lambda s, d: compiled(s, d)[1], state, data, budget_s=budget_s)
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-  return {"task": task, "model": label, "seq": seq, "batch": batch, "params": int(params), "compile_s": compile_s,
-          "step_s": step_s, "step_cpu_s": cpu_s, "timed_steps": n, "tokens_per_cpu_s": batch * seq / cpu_s,
-          "protocol_batch": int(config.train.batch_size)}
+  step, state, data, mesh = H.train_step_setup(model_cfg, config, batch=batch, seq=seq, data=next(it))
+  t = H.time_train_step(step, state, data, mesh, budget_s=budget_s)
+  return {"task": task, "model": label, "seq": seq, "batch": batch, "params": H.param_count(state.params), **t,
+          "tokens_per_cpu_s": batch * seq / t["step_cpu_s"], "protocol_batch": int(config.train.batch_size)}
 
 
 def main(argv: list[str]) -> dict:
