@@ -350,10 +350,28 @@ def evaluate(workdir: str, *, tasks: Sequence[str] = TASKS, lengths: Sequence[in
              "haystack_file": haystack_file, "results": rows}
   results["plots"] = [os.path.basename(p) for p in plot_results(rows, out_dir)]
   # results.json is the latest evaluation (what compare reads); results_step<N>.json keeps each step's.
-  for name in ("results.json", f"results_step{step}.json"):
-    with open(os.path.join(out_dir, name), "w") as f:
+  for path in (os.path.join(out_dir, "results.json"), kept_path(workdir, step)):
+    with open(path, "w") as f:
       json.dump(results, f, indent=1)
   return results
+
+
+def kept_path(workdir: str, step: int) -> str:
+  """Where the evaluation of checkpoint `step` of a run is kept."""
+  return os.path.join(workdir, "eval", f"results_step{step}.json")
+
+
+def covering(workdir: str, step: int, tasks: Sequence[str] = (), lengths: Sequence[int] = ()) -> str | None:
+  """The file of an evaluation of checkpoint `step` of `workdir` that covers `tasks` at `lengths` (when given):
+  the latest one (results.json) or the one kept for that step; None when there is none."""
+  covers = lambda r: (r.get("step") == step and set(tasks) <= set(r.get("tasks", ()))
+                      and set(lengths) <= set(r.get("lengths", ())))
+  for path in (os.path.join(workdir, "eval", "results.json"), kept_path(workdir, step)):
+    if os.path.exists(path):
+      with open(path) as f:
+        if covers(json.load(f)):
+          return path
+  return None
 
 
 def reuse(workdir: str, step: int, tasks: Sequence[str] = (), lengths: Sequence[int] = ()) -> bool:
@@ -361,19 +379,11 @@ def reuse(workdir: str, step: int, tasks: Sequence[str] = (), lengths: Sequence[
   it is not the latest one written, it becomes results.json again (plots redrawn), so that compare reads it.
   A zoo re-run evaluates nothing twice."""
   out_dir = os.path.join(workdir, "eval")
-  covers = lambda r: (r.get("step") == step and set(tasks) <= set(r.get("tasks", ()))
-                      and set(lengths) <= set(r.get("lengths", ())))
-  current, kept = os.path.join(out_dir, "results.json"), os.path.join(out_dir, f"results_step{step}.json")
-  if os.path.exists(current):
-    with open(current) as f:
-      if covers(json.load(f)):
-        return True
-  if not os.path.exists(kept):
-    return False
-  with open(kept) as f:
+  current, found = os.path.join(out_dir, "results.json"), covering(workdir, step, tasks, lengths)
+  if found in (None, current):
+    return found is not None
+  with open(found) as f:
     results = json.load(f)
-  if not covers(results):
-    return False
   results["plots"] = [os.path.basename(p) for p in plot_results(results["results"], out_dir)]
   with open(current, "w") as f:
     json.dump(results, f, indent=1)

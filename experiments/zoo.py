@@ -2,6 +2,7 @@ r"""The model zoo on the memory benchmark suite: every tiny model, trained under
 
   python -m experiments.zoo [--tasks mqar256,passkey1k,niah1k] [--lrs 1e-3,3e-3,1e-2] [--stages 250,500,1000,2000]
       [--lengths 1k,4k,16k] [--only transformer,gdn] [--set key=value ...]
+  python -m experiments.zoo --status [--tasks ...] [--stages ...]   # how far it is, and the CPU hours left
 
 For each training task it runs `experiments.sweep` over ZOO (every model, the learning rates, one seed; finished
 runs are reused and unfinished ones resume: the sweep skips what is done) in runs/sweep_<task>, the directory the
@@ -27,6 +28,7 @@ This is a thin driver: it has not been run to completion here (it takes hours on
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--num_examples", type=int, default=32)
   p.add_argument("--only", default="", help="comma-separated labels of ZOO to train (default: all available); "
                  "the tables also show every other model whose runs have finished the stage")
+  p.add_argument("--status", action="store_true",
+                 help="train nothing: print how far every run is at each stage and the CPU hours left (from "
+                      "bench_results/zoo_cost.json, `python -m experiments.benchmark zoo`); writes "
+                      "bench_results/zoo_status.json")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="extra overrides for every run after PROTOCOL (a changed protocol needs its own run "
                       "directories: the sweep refuses to extend runs of another one)")
@@ -98,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
   stages = sorted({int(x) for x in args.stages.split(",") if x})
   # Every stage's checkpoint outlives the training of the later ones, to be evaluated at its own step.
   args.keep_period = math.gcd(*stages)
+  if args.status:
+    report_status(status(tasks, stages, [float(x) for x in args.lrs.split(",") if x], list(models)))
+    return
   for steps in stages:
     for task in tasks:
       run_task_stage(task, steps, models, args)
@@ -110,6 +119,67 @@ def stage_finished(task: str, label: str, steps: int, lrs: list[float]) -> bool:
 
 def sweep_root(task: str) -> str:
   return os.path.join("runs", f"sweep_{task}")
+
+
+def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[str],
+           cost_path: str = os.path.join("bench_results", "zoo_cost.json")) -> dict:
+  """How far the zoo is: for every (task, stage, model), each lr's run (trained to the stage, diverged, or the step
+  it would resume from), whether the stage was evaluated, and the CPU hours of training left to finish the stage
+  at the speeds measured by the zoo-cost benchmark (None for a model it did not measure). Stages are nested:
+  a later stage's hours include the earlier ones'."""
+  from memarch.train import checkpoint_steps  # noqa: PLC0415
+
+  speed = {}
+  if os.path.exists(cost_path):
+    with open(cost_path) as f:
+      speed = {(r["task"], r["model"]): r for r in json.load(f)["rows"]}
+  rows = []
+  for task in tasks:
+    for steps in stages:
+      for label in labels:
+        runs, left = {}, 0
+        for lr in lrs:
+          workdir = sweep.run_dir(sweep_root(task), label, lr)
+          record = sweep.finished(workdir, steps)
+          have = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+          if record and os.path.basename(record) == "diverged.json":
+            runs[f"{lr:g}"] = "diverged"
+          elif record:
+            runs[f"{lr:g}"] = "done"
+          else:
+            at = max(have, default=0)
+            runs[f"{lr:g}"] = f"at {at}"
+            left += max(steps - at, 0)
+        trained = all(v in ("done", "diverged") for v in runs.values())
+        # The zoo evaluates the best lr's run; any evaluated run of a trained model means the stage was.
+        evaluated = trained and any(
+            runs[f"{lr:g}"] == "done" and evaluate.covering(run, stage_checkpoint(run, steps), [EVAL_TASKS[task]])
+            for lr in lrs for run in [sweep.run_dir(sweep_root(task), label, lr)])
+        cost = speed.get((task, label))
+        hours = (left * cost["protocol_batch"] * cost["seq"] / cost["tokens_per_cpu_s"] / 3600) if cost else None
+        rows.append({"task": task, "stage": steps, "model": label, "runs": runs, "trained": trained,
+                     "evaluated": evaluated, "steps_left": left,
+                     "cpu_h_left": None if hours is None else round(hours, 2)})
+  return {"lrs": lrs, "cost_file": cost_path if speed else None, "rows": rows}
+
+
+def report_status(st: dict, out: str = os.path.join("bench_results", "zoo_status.json")) -> None:
+  from experiments.benchmarks.harness import format_table, write_json  # noqa: PLC0415
+
+  cols = ["task", "stage", "model", *[f"lr {lr:g}" for lr in st["lrs"]], "evaluated", "steps_left", "cpu_h_left"]
+  table = [{**r, **{f"lr {k}": v for k, v in r["runs"].items()}, "evaluated": "yes" if r["evaluated"] else "no"}
+           for r in st["rows"]]
+  print(format_table(table, cols), flush=True)
+  for (task, steps) in dict.fromkeys((r["task"], r["stage"]) for r in st["rows"]):
+    mine = [r for r in st["rows"] if (r["task"], r["stage"]) == (task, steps)]
+    hours = [r["cpu_h_left"] for r in mine if r["steps_left"]]
+    done = sum(r["evaluated"] for r in mine)
+    known = "" if all(h is not None for h in hours) else " (models without a zoo-cost row not counted)"
+    print(f"{task} stage {steps}: {done}/{len(mine)} models evaluated; "
+          f"{sum(h for h in hours if h is not None):.1f} CPU h of training left{known}", flush=True)
+  if not st["cost_file"]:
+    print("no bench_results/zoo_cost.json: run `python -m experiments.benchmark zoo` for the hours left", flush=True)
+  write_json(out, st)
 
 
 def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:

@@ -67,3 +67,35 @@ def test_zoos_run_with_only_share_their_tables(tmp_path, monkeypatch):
   with open(os.path.join("bench_results", "zoo_mqar256_step1.json")) as f:
     assert [r["run"] for r in json.load(f)["runs"]] == ["a/lr0.003", "b/lr0.003"]
   assert os.path.getmtime(result) == mtime
+
+
+def test_status_counts_each_lr_and_the_hours_left(tmp_path, monkeypatch, capsys):
+  """--status from the run directories alone: finished, diverged and resumable runs, evaluated stages, and the
+  CPU hours left at the zoo-cost benchmark's speed."""
+  monkeypatch.chdir(tmp_path)
+  root = tmp_path / "runs" / "sweep_passkey1k"
+  for lr, name in (("0.001", "result_step250.json"), ("0.01", "diverged.json")):
+    (root / "a" / f"lr{lr}").mkdir(parents=True)
+    (root / "a" / f"lr{lr}" / name).write_text("{}")
+  (root / "a" / "lr0.001" / "checkpoints").mkdir()
+  (root / "b" / "lr0.001" / "checkpoints").mkdir(parents=True)
+  (root / "a" / "lr0.001" / "eval").mkdir()
+  (root / "a" / "lr0.001" / "eval" / "results_step250.json").write_text(
+      json.dumps({"step": 250, "tasks": ["passkey"], "lengths": [1024]}))
+  steps = {str(root / "a" / "lr0.001"): [50, 250], str(root / "b" / "lr0.001"): [50, 100]}
+  monkeypatch.setattr("memarch.train.checkpoint_steps", lambda w: steps[os.path.abspath(w)])
+  cost = tmp_path / "cost.json"
+  cost.write_text(json.dumps({"rows": [{"task": "passkey1k", "model": "b", "seq": 1024, "protocol_batch": 16,
+                                        "tokens_per_cpu_s": 1024 * 16 / 3.6}]}))
+  st = zoo.status(["passkey1k"], [250, 500], [1e-3, 1e-2], ["a", "b"], cost_path=str(cost))
+  rows = {(r["stage"], r["model"]): r for r in st["rows"]}
+  a250, b250, a500 = rows[(250, "a")], rows[(250, "b")], rows[(500, "a")]
+  assert a250["runs"] == {"0.001": "done", "0.01": "diverged"} and a250["evaluated"] and a250["steps_left"] == 0
+  # b: lr 1e-3 resumes from 100, lr 1e-2 has not started; 3.6 CPU s a step.
+  assert b250["runs"] == {"0.001": "at 100", "0.01": "at 0"} and not b250["evaluated"]
+  assert b250["steps_left"] == 150 + 250 and b250["cpu_h_left"] == pytest.approx(400 * 3.6 / 3600)
+  # a at 500: the diverged lr stays diverged, the finished one resumes from its step-250 checkpoint; no cost row.
+  assert a500["runs"] == {"0.001": "at 250", "0.01": "diverged"} and a500["cpu_h_left"] is None
+  zoo.report_status(st, out=str(tmp_path / "status.json"))
+  assert "passkey1k stage 250: 1/2 models evaluated; 0.4 CPU h of training left" in capsys.readouterr().out
+  assert json.load(open(tmp_path / "status.json"))["rows"][0]["model"] == "a"
