@@ -108,6 +108,29 @@ def test_resume_gives_the_same_parameters(tmp_path):
     load_run(str(tmp_path / "resumed"), step=5)
 
 
+@pytest.mark.timeout(120)
+def test_final_checkpoint_is_saved_before_the_evaluation(tmp_path, monkeypatch, capsys):
+  """A run stopped during its (long) final evaluation keeps its last steps; each eval set logs a line."""
+  import memarch.train as train_lib
+
+  c = small_config(steps=6, checkpoint_every=4, progress="lines")
+  real = train_lib.evaluate
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt("stopped during the evaluation")
+
+  monkeypatch.setattr(train_lib, "evaluate", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(c, str(tmp_path / "run"))
+  assert checkpoint_steps(str(tmp_path / "run")) == [4, 6]
+  monkeypatch.setattr(train_lib, "evaluate", real)
+  done = train_and_evaluate(c, str(tmp_path / "run"))  # nothing left to train: evaluates what was restored
+  assert done.step == 6 and done.eval_metrics
+  sets = sorted({k.rsplit("/", 1)[0] for k in done.eval_metrics})
+  out = capsys.readouterr().out
+  assert len(sets) >= 2 and all(f"eval @ 6: {name} (" in out for name in sets)
+
+
 @pytest.mark.timeout(60)
 def test_eval_step_counts_exact_rows():
   """Exact match: the rows whose every loss-masked token is right; rows without a masked token do not count."""
