@@ -6,7 +6,9 @@ Each run must have been evaluated (`python -m experiments.evaluate --workdir run
 `<run>/eval/results.json`). One row per run: accuracy per task and length (mean over depths; for MQAR over the
 kv settings of that length), parameters, decoding-state bytes per sequence at the training length and at the
 longest evaluated length (attention: its KV cache; memories: their state), and training tokens/s (median of
-metrics.jsonl's train intervals after the first). Writes `<out>.md`, `<out>.json`, `<out>_accuracy.png`
+metrics.jsonl's train intervals after the first), and "tf acc": the training loop's teacher-forced token
+accuracy at the evaluated step, averaged over its eval sets (it tells apart runs whose generated answers are all
+wrong but some of whose answer tokens are right). Writes `<out>.md`, `<out>.json`, `<out>_accuracy.png`
 (accuracy against length per task) and, when a run was evaluated on MQAR, `<out>_mqar_state.png` (Zoology's plot:
 MQAR accuracy against state size).
 """
@@ -47,6 +49,17 @@ def run_name(workdir: str) -> str:
   return f"{os.path.basename(os.path.dirname(path))}/{base}" if base.startswith("lr") else base
 
 
+def teacher_forced_accuracy(workdir: str, step: int) -> float | None:
+  """The mean token accuracy over the training loop's eval sets at `step` (each answer token given the right
+  previous ones; metrics.jsonl), or None when the run logged no evaluation at that step. It separates runs that
+  exact match scores alike (every answer wrong, some digits right)."""
+  from memarch.metrics import read_metrics  # noqa: PLC0415
+
+  rows = [r for r in read_metrics(workdir) if r.get("split") == "eval" and r.get("step") == step]
+  accs = [v for k, v in rows[-1].items() if k.endswith("/accuracy")] if rows else []
+  return float(np.mean(accs)) if accs else None
+
+
 def summarize(workdir: str) -> dict[str, Any]:
   """The comparison row of one evaluated run."""
   path = os.path.join(workdir, "eval", "results.json")
@@ -72,6 +85,7 @@ def summarize(workdir: str) -> dict[str, Any]:
       "params": params, "state_bytes_train_length": train_state, "longest_length": longest,
       "state_bytes_longest": state_bytes(config, longest) if longest else None,
       "train_tokens_per_sec": sweep.train_tokens_per_sec(workdir),
+      "teacher_forced_accuracy": teacher_forced_accuracy(workdir, res["step"]),
       "accuracy": {k: float(np.mean(v)) for k, v in sorted(acc.items())},
       "mqar_accuracy": float(np.mean(mqar)) if mqar else None,
       "skipped": sorted({f"{r['task']}@{r['length']}" if r["length"] else r["task"]
@@ -86,13 +100,16 @@ def _sort_key(col: str):
 
 def markdown(rows: list[dict[str, Any]]) -> str:
   cols = sorted({c for r in rows for c in r["accuracy"]}, key=_sort_key)
-  head = ["run", "model", "step", "params", "state bytes (train len)", "state bytes (longest)", "train tok/s", *cols]
+  head = ["run", "model", "step", "params", "state bytes (train len)", "state bytes (longest)", "train tok/s",
+          "tf acc", *cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     tps = r["train_tokens_per_sec"]
     cells = [r["run"], r["model"], str(r["step"]), f"{r['params']:,}", f"{r['state_bytes_train_length']:,}",
              f"{r['state_bytes_longest']:,}" if r["state_bytes_longest"] else "-",
              f"{tps:,.0f}" if tps else "-"]
+    tf = r.get("teacher_forced_accuracy")
+    cells.append("-" if tf is None else f"{tf:.3f}")
     cells += [f"{r['accuracy'][c]:.3f}" if c in r["accuracy"] else "-" for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

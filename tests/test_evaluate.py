@@ -86,10 +86,18 @@ def test_evaluate_mqar_and_compare(runs, tmp_path):
   for r in result["runs"]:
     assert r["params"] > 0 and r["state_bytes_train_length"] > 0 and r["accuracy"]
   assert result["runs"][1]["mqar_accuracy"] is not None
+  # tf acc: the training loop's own evaluation at the evaluated step (final_metrics.json holds the same numbers).
+  for r, w in zip(result["runs"], (text, mqar)):
+    with open(os.path.join(w, "final_metrics.json")) as f:
+      final = json.load(f)["eval"]
+    accs = [v for k, v in final.items() if k.endswith("/accuracy")]
+    assert r["teacher_forced_accuracy"] == pytest.approx(sum(accs) / len(accs))
+  assert compare.teacher_forced_accuracy(mqar, 999) is None
   for suffix in (".md", ".json", "_accuracy.png", "_mqar_state.png"):
     assert os.path.getsize(out + suffix) > 0
   with open(out + ".md") as f:
-    assert "mqar@64" in f.read()
+    table = f.read()
+  assert "mqar@64" in table and "tf acc" in table
 
 
 def test_babilong_runs_are_evaluated_on_stories_of_their_training_size():
