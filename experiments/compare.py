@@ -56,8 +56,8 @@ def teacher_forced_accuracy(workdir: str, step: int) -> float | None:
   from memarch.metrics import read_metrics  # noqa: PLC0415
 
   rows = [r for r in read_metrics(workdir) if r.get("split") == "eval" and r.get("step") == step]
-  accs = [v for k, v in rows[-1].items() if k.endswith("/accuracy")] if rows else []
-  return float(np.mean(accs)) if accs else None
+  acc = sweep.mean_accuracy(rows[-1]) if rows else float("nan")
+  return None if math.isnan(acc) else acc
 
 
 def summarize(workdir: str) -> dict[str, Any]:

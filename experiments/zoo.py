@@ -127,6 +127,7 @@ def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[s
   it would resume from), whether the stage was evaluated, and the CPU hours of training left to finish the stage
   at the speeds measured by the zoo-cost benchmark (None for a model it did not measure). Stages are nested:
   a later stage's hours include the earlier ones'."""
+  from experiments.benchmarks import zoo as zoo_cost  # noqa: PLC0415
   from memarch.train import checkpoint_steps  # noqa: PLC0415
 
   speed = {}
@@ -156,7 +157,7 @@ def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[s
             runs[f"{lr:g}"] == "done" and evaluate.covering(run, stage_checkpoint(run, steps), [EVAL_TASKS[task]])
             for lr in lrs for run in [sweep.run_dir(sweep_root(task), label, lr)])
         cost = speed.get((task, label))
-        hours = (left * cost["protocol_batch"] * cost["seq"] / cost["tokens_per_cpu_s"] / 3600) if cost else None
+        hours = zoo_cost.cpu_hours(cost, left) if cost else None
         rows.append({"task": task, "stage": steps, "model": label, "runs": runs, "trained": trained,
                      "evaluated": evaluated, "steps_left": left,
                      "cpu_h_left": None if hours is None else round(hours, 2)})

@@ -41,6 +41,11 @@ def measure(label: str, task: str, batch: int, budget_s: float) -> dict:
           "tokens_per_cpu_s": batch * seq / t["step_cpu_s"], "protocol_batch": int(config.train.batch_size)}
 
 
+def cpu_hours(row: dict, steps: int) -> float:
+  """CPU hours of `steps` training steps at the protocol's batch, at the speed of a `measure` row."""
+  return steps * row["protocol_batch"] * row["seq"] / row["tokens_per_cpu_s"] / 3600
+
+
 def main(argv: list[str]) -> dict:
   from experiments import zoo  # noqa: PLC0415
 
@@ -74,8 +79,7 @@ def main(argv: list[str]) -> dict:
       row = measure(label, task, args.batch, args.budget_s)
       first = first or row["tokens_per_cpu_s"]
       row["vs_first"] = first / row["tokens_per_cpu_s"]  # how many times slower than the first model
-      tokens = args.stage * row["protocol_batch"] * row["seq"] * args.lrs
-      row["stage_cpu_h"] = tokens / row["tokens_per_cpu_s"] / 3600
+      row["stage_cpu_h"] = cpu_hours(row, args.stage * args.lrs)
       rows.append(row)
       lines = H.format_table([row], cols).splitlines()
       print("\n".join(lines if label == labels[0] else lines[-1:]), flush=True)
