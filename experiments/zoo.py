@@ -3,6 +3,7 @@ r"""The model zoo on the memory benchmark suite: every tiny model, trained under
   python -m experiments.zoo [--tasks mqar256,passkey1k,niah1k] [--lrs 1e-3,3e-3,1e-2] [--stages 250,500,1000,2000]
       [--lengths 1k,4k,16k] [--only transformer,gdn] [--set key=value ...]
   python -m experiments.zoo --status [--tasks ...] [--stages ...]   # how far it is, and the CPU hours left
+      [--archive results/zoo]
 
 For each training task it runs `experiments.sweep` over ZOO (every model, the learning rates, one seed; finished
 runs are reused and unfinished ones resume: the sweep skips what is done) in runs/sweep_<task>, the directory the
@@ -19,10 +20,17 @@ run side by side, one per core, each `--only` some models: each trains its own, 
 that has finished the stage. A run
 directory trained under another protocol (e.g. another batch size) is refused by the sweep, naming the
 differences: move it away.
+
+The results outlive the run directories: every run that finishes a stage has its records (config, metrics, stage
+result, evaluations; not its checkpoints) copied into the tracked archive (--archive, default results/zoo/<task>/
+<label>/lr<lr>/, with the commit that produced them in provenance.json), and each stage's table is written there
+too (results/zoo/zoo_<task>_step<N>.{md,json,png}). A zoo started where runs/ is missing or partial (a fresh
+checkout) first restores the archived records whose protocol matches (experiments/archive.py), so what an earlier
+session finished is neither trained nor evaluated again. Commit results/zoo after a stage to keep it.
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
 experiments/sweep.py.
 
-This is a thin driver: it has not been run to completion here (it takes hours on a CPU).
+This is a thin driver: it has not been run to completion here (about 170 CPU hours to 2000 steps).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import json
 import math
 import os
 
-from experiments import compare, evaluate, sweep
+from experiments import archive, compare, evaluate, sweep
 
 # label -> config spec (the labels of the Titans and MoM results sweeps, whose runs the zoo shares).
 ZOO = {
@@ -66,12 +74,13 @@ def available() -> dict[str, str]:
 
 def stage_checkpoint(workdir: str, steps: int) -> int | None:
   """The checkpoint step at which to evaluate a run at stage `steps`: that step, else the earliest after it (a
-  run trained further before stage checkpoints were kept), else the latest."""
+  run trained further before stage checkpoints were kept), else the latest; `steps` for a run without
+  checkpoints (restored from the archive: its evaluation at the stage, if any, is the archived one)."""
   from memarch.train import checkpoint_steps  # noqa: PLC0415
 
-  have = checkpoint_steps(workdir)
+  have = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
   after = [s for s in have if s >= steps]
-  return min(after) if after else (max(have) if have else None)
+  return min(after) if after else (max(have) if have else steps)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
                  help="train nothing: print how far every run is at each stage and the CPU hours left (from "
                       "bench_results/zoo_cost.json, `python -m experiments.benchmark zoo`); writes "
                       "bench_results/zoo_status.json")
+  p.add_argument("--archive", default=os.path.join("results", "zoo"),
+                 help="tracked directory of the finished runs' records and the stage tables ('' for none): "
+                      "restored from before anything runs, added to after every stage")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="extra overrides for every run after PROTOCOL (a changed protocol needs its own run "
                       "directories: the sweep refuses to extend runs of another one)")
@@ -104,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
   stages = sorted({int(x) for x in args.stages.split(",") if x})
   # Every stage's checkpoint outlives the training of the later ones, to be evaluated at its own step.
   args.keep_period = math.gcd(*stages)
+  lrs = [float(x) for x in args.lrs.split(",") if x]
+  if args.archive:
+    restore_archived(tasks, models, lrs, args)
   if args.status:
-    report_status(status(tasks, stages, [float(x) for x in args.lrs.split(",") if x], list(models)))
+    report_status(status(tasks, stages, lrs, list(models)))
     return
   for steps in stages:
     for task in tasks:
@@ -119,6 +134,32 @@ def stage_finished(task: str, label: str, steps: int, lrs: list[float]) -> bool:
 
 def sweep_root(task: str) -> str:
   return os.path.join("runs", f"sweep_{task}")
+
+
+def protocol_overrides(args) -> list[str]:
+  """The overrides every zoo run is trained under: PROTOCOL, the stage checkpoints kept, then --set."""
+  keep = [f"train.keep_period={args.keep_period}"] if getattr(args, "keep_period", 0) else []
+  return [*PROTOCOL, *keep, *args.overrides]
+
+
+def restore_archived(tasks: list[str], models: dict[str, str], lrs: list[float], args) -> None:
+  """Copies into runs/ the archived records of every (task, model, lr) run that runs/ lacks, when the archived
+  run's protocol is this zoo's (an archived run of another protocol is named and left: it will be retrained)."""
+  restored = 0
+  for task in tasks:
+    for label, spec in models.items():
+      for lr in lrs:
+        archived = sweep.run_dir(os.path.join(args.archive, task), label, lr)
+        if not os.path.exists(os.path.join(archived, "config.json")):
+          continue
+        try:
+          sweep.check_resumable(sweep.prepare(spec, task, protocol_overrides(args), lr), archived)
+        except ValueError as e:
+          print(f"zoo: not restoring {archived}: {e}", flush=True)
+          continue
+        restored += bool(archive.restore(archived, sweep.run_dir(sweep_root(task), label, lr)))
+  if restored:
+    print(f"zoo: restored the records of {restored} runs from {args.archive}", flush=True)
 
 
 def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[str],
@@ -188,8 +229,7 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
   with every other available model that has finished the stage (zoos run side by side with --only share tables)."""
   lrs = [float(x) for x in args.lrs.split(",") if x]
   models = {k: v for k, v in available().items() if k in models or stage_finished(task, k, steps, lrs)}
-  keep = [f"train.keep_period={args.keep_period}"] if getattr(args, "keep_period", 0) else []
-  sets = [x for item in [*PROTOCOL, *keep, *args.overrides] for x in ("--set", item)]
+  sets = [x for item in protocol_overrides(args) for x in ("--set", item)]
   summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", str(steps),
                         "--workdir", sweep_root(task), *sets,
                         "--configs", *[f"{k}={v}" for k, v in models.items()]])
@@ -207,10 +247,17 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
       evaluate.evaluate(best["workdir"], tasks=[EVAL_TASKS[task]], lengths=lengths, num_examples=args.num_examples,
                         step=step)
     runs.append(best["workdir"])
+  archived = getattr(args, "archive", "")
+  if archived:  # every finished run of the stage, each lr (the next session's sweep must find them all)
+    for r in summary["runs"]:
+      if sweep.finished(r["workdir"], steps):
+        archive.save(r["workdir"], sweep.run_dir(os.path.join(archived, task), r["label"], r["lr"]))
   if runs:
-    for out in (f"zoo_{task}_step{steps}", f"zoo_{task}"):
-      compare.compare(runs, os.path.join("bench_results", out))
-    print(f"zoo {task} at step {steps}: bench_results/zoo_{task}_step{steps}.md", flush=True)
+    outs = [os.path.join("bench_results", f"zoo_{task}_step{steps}"), os.path.join("bench_results", f"zoo_{task}")]
+    for out in outs + ([os.path.join(archived, f"zoo_{task}_step{steps}")] if archived else []):
+      compare.compare(runs, out)
+    print(f"zoo {task} at step {steps}: bench_results/zoo_{task}_step{steps}.md"
+          + (f", archived in {archived}" if archived else ""), flush=True)
 
 if __name__ == "__main__":
   main()

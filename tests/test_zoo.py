@@ -3,10 +3,11 @@ checkpoint and compared."""
 
 import json
 import os
+import shutil
 
 import pytest
 
-from experiments import zoo
+from experiments import archive, zoo
 from memarch.train import checkpoint_steps
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,9 +45,13 @@ def test_zoo_writes_a_table_per_stage_at_its_step_and_resumes(tmp_path, monkeypa
 
 def test_stage_checkpoint_falls_back_to_the_earliest_after_the_stage(tmp_path, monkeypatch):
   monkeypatch.setattr("memarch.train.checkpoint_steps", lambda workdir: [900, 950, 1000])
-  assert zoo.stage_checkpoint("run", 950) == 950
-  assert zoo.stage_checkpoint("run", 250) == 900
-  assert zoo.stage_checkpoint("run", 2000) == 1000
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  run = str(tmp_path / "run")
+  assert zoo.stage_checkpoint(run, 950) == 950
+  assert zoo.stage_checkpoint(run, 250) == 900
+  assert zoo.stage_checkpoint(run, 2000) == 1000
+  # A run restored from the archive has no checkpoints: its stage's own step (where its evaluation was kept).
+  assert zoo.stage_checkpoint(str(tmp_path / "restored"), 250) == 250
 
 
 def test_zoos_run_with_only_share_their_tables(tmp_path, monkeypatch):
@@ -99,3 +104,72 @@ def test_status_counts_each_lr_and_the_hours_left(tmp_path, monkeypatch, capsys)
   zoo.report_status(st, out=str(tmp_path / "status.json"))
   assert "passkey1k stage 250: 1/2 models evaluated; 0.4 CPU h of training left" in capsys.readouterr().out
   assert json.load(open(tmp_path / "status.json"))["rows"][0]["model"] == "a"
+
+
+def test_a_fresh_checkout_restores_the_archived_stage_and_trains_nothing(tmp_path, monkeypatch, capsys):
+  """The records of every finished run and the stage table go to the tracked archive; with runs/ gone (a new
+  machine), the zoo restores them and neither trains nor evaluates again; an archived run of another protocol
+  is not restored."""
+  cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
+  monkeypatch.setattr(zoo, "ZOO", {"transformer": f"{cfg}:size=tiny"})
+  monkeypatch.chdir(tmp_path)
+  args = ["--tasks", "mqar256", "--stages", "2", "--lrs", "3e-3,1e-2", "--lengths", "64", "--num_examples", "2",
+          "--set", "train.batch_size=2", "--set", "optim.warmup_steps=1", "--set", "eval.max_batches=1",
+          "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
+          "--set", "data.mqar.use_tfds=False"]
+  zoo.main(args)
+  kept = os.path.join("results", "zoo", "mqar256", "transformer")
+  with open(os.path.join("bench_results", "zoo_mqar256_step2.json")) as f:
+    before = json.load(f)["runs"]
+  best = before[0]["run"].split("/")[1]
+  assert sorted(os.listdir(os.path.join(kept, best))) == ["config.json", "eval", "metrics.jsonl", "provenance.json",
+                                                          "result_step2.json"]  # no checkpoints or events
+  assert os.listdir(os.path.join(kept, best, "eval")) == ["results_step2.json"]
+  other = {"lr0.003", "lr0.01"} - {best}
+  assert "result_step2.json" in os.listdir(os.path.join(kept, other.pop()))  # every lr, not only the best
+  with open(os.path.join(kept, best, "provenance.json")) as f:
+    assert "commit" in json.load(f)
+  with open(os.path.join("results", "zoo", "zoo_mqar256_step2.json")) as f:
+    assert [r["run"] for r in json.load(f)["runs"]] == [r["run"] for r in before]
+
+  shutil.rmtree("runs")
+  shutil.rmtree("bench_results")
+
+  def refuse(*a, **k):
+    raise AssertionError("a restored stage was trained or evaluated again")
+
+  monkeypatch.setattr("memarch.train.train_and_evaluate", refuse)
+  monkeypatch.setattr(zoo.evaluate, "evaluate", refuse)
+  zoo.main(args)
+  assert "restored the records of 2 runs" in capsys.readouterr().out
+  with open(os.path.join("bench_results", "zoo_mqar256_step2.json")) as f:
+    after = json.load(f)["runs"]
+  for key in ("run", "step", "accuracy", "teacher_forced_accuracy", "train_tokens_per_sec", "params"):
+    assert [r[key] for r in after] == [r[key] for r in before], key
+  st = zoo.status(["mqar256"], [2], [3e-3, 1e-2], ["transformer"])
+  assert st["rows"][0]["evaluated"] and st["rows"][0]["steps_left"] == 0
+
+  # Another protocol (batch 4): the archived runs are not restored, and say why.
+  shutil.rmtree("runs")
+  zoo.main([*args, "--set", "train.batch_size=4", "--status"])
+  out = capsys.readouterr().out
+  assert "not restoring" in out and "train.batch_size" in out and not os.path.exists("runs")
+
+
+def test_archive_copies_records_only_and_restore_keeps_the_runs_own(tmp_path):
+  run, kept = tmp_path / "run", tmp_path / "kept"
+  for rel in ("config.json", "metrics.jsonl", "result_step4.json", "eval/results_step4.json", "eval/results.json",
+              "eval/mqar.png", "checkpoints/4/state", "tensorboard/events.out"):
+    (run / rel).parent.mkdir(parents=True, exist_ok=True)
+    (run / rel).write_text(rel)
+  assert archive.save(str(run), str(kept)) == ["config.json", "eval/results_step4.json", "metrics.jsonl",
+                                               "result_step4.json"]
+  assert not (kept / "checkpoints").exists() and (kept / "provenance.json").exists()
+  fresh = tmp_path / "fresh"
+  (fresh / "eval").mkdir(parents=True)
+  (fresh / "metrics.jsonl").write_text("newer")
+  assert archive.restore(str(kept), str(fresh)) == ["config.json", "eval/results_step4.json", "result_step4.json"]
+  assert (fresh / "metrics.jsonl").read_text() == "newer" and (fresh / "result_step4.json").read_text() == \
+      "result_step4.json"
+  with pytest.raises(FileNotFoundError, match="no run records"):
+    archive.save(str(tmp_path / "empty"), str(tmp_path / "x"))
