@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                  "the tables also show every other model whose runs have finished the stage")
   p.add_argument("--status", action="store_true",
                  help="train nothing: print how far every run is at each stage and the CPU hours left (from "
-                      "bench_results/zoo_cost.json, `python -m experiments.benchmark zoo`); writes "
-                      "bench_results/zoo_status.json")
+                      "bench_results/zoo_cost.json, `python -m experiments.benchmark zoo`, else the archive's "
+                      "zoo_cost.json: `--out results/zoo/zoo_cost.json`); writes bench_results/zoo_status.json")
   p.add_argument("--archive", default=os.path.join("results", "zoo"),
                  help="tracked directory of the finished runs' records and the stage tables ('' for none): "
                       "restored from before anything runs, added to after every stage")
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
   if args.archive:
     restore_archived(tasks, models, lrs, args)
   if args.status:
-    report_status(status(tasks, stages, lrs, list(models)))
+    # The speeds measured here, else those archived with the results (measured on the machine that ran them).
+    costs = [os.path.join("bench_results", "zoo_cost.json"), os.path.join(args.archive or "-", "zoo_cost.json")]
+    report_status(status(tasks, stages, lrs, list(models), cost_path=next(filter(os.path.exists, costs), costs[0])))
     return
   for steps in stages:
     for task in tasks:
