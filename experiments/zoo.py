@@ -24,7 +24,7 @@ differences: move it away.
 The results outlive the run directories: every run that finishes a stage has its records (config, metrics, stage
 result, evaluations; not its checkpoints) copied into the tracked archive (--archive, default results/zoo/<task>/
 <label>/lr<lr>/, with the commit that produced them in provenance.json), and each stage's table is written there
-too (results/zoo/zoo_<task>_step<N>.{md,json,png}). A zoo started where runs/ is missing or partial (a fresh
+too (results/zoo/zoo_<task>_step<N>.{md,json,png}, all of them in results/zoo/README.md). A zoo started where runs/ is missing or partial (a fresh
 checkout) first restores the archived records whose protocol matches (experiments/archive.py), so what an earlier
 session finished is neither trained nor evaluated again. Commit results/zoo after a stage to keep it.
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
@@ -258,8 +258,36 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
     outs = [os.path.join("bench_results", f"zoo_{task}_step{steps}"), os.path.join("bench_results", f"zoo_{task}")]
     for out in outs + ([os.path.join(archived, f"zoo_{task}_step{steps}")] if archived else []):
       compare.compare(runs, out)
+    if archived:
+      write_index(archived, lrs)
     print(f"zoo {task} at step {steps}: bench_results/zoo_{task}_step{steps}.md"
           + (f", archived in {archived}" if archived else ""), flush=True)
+
+def write_index(archived: str, lrs: list[float]) -> str:
+  """`<archive>/README.md`: every archived stage table (task by task, stage by stage) under the protocol, so the
+  zoo's results read in one page."""
+  import re  # noqa: PLC0415
+
+  tables = sorted((m.group(1), int(m.group(2)), name) for name in os.listdir(archived)
+                  if (m := re.fullmatch(r"zoo_(\w+?)_step(\d+)\.md", name)))
+  lines = ["# Zoo results", "",
+           "Written by `python -m experiments.zoo` after every stage; do not edit. Protocol: "
+           f"{', '.join(PROTOCOL)}; each model's best of lr {', '.join(f'{lr:g}' for lr in lrs)} (MQAR by token "
+           "accuracy, the others by exact match, ties by token accuracy), evaluated at the stage's checkpoint "
+           "(`experiments.evaluate`: prefill and greedy decoding, exact match; MQAR: token accuracy). "
+           "'tf acc' is the teacher-forced token accuracy of the training loop's eval sets at that step; train "
+           "tok/s was measured on the machine that trained the run, whose commit is in its provenance.json.", ""]
+  for task, steps, name in tables:
+    with open(os.path.join(archived, name)) as f:
+      table = f.read().strip()
+    lines += [f"## {task}, stage {steps} ({table.count(chr(10)) - 1} models)", "", table, "",
+              f"Plots: [accuracy]({name[:-3]}_accuracy.png)"
+              + (f", [MQAR vs state]({name[:-3]}_mqar_state.png)" if task.startswith("mqar") else ""), ""]
+  path = os.path.join(archived, "README.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
 
 if __name__ == "__main__":
   main()

@@ -131,6 +131,9 @@ def test_a_fresh_checkout_restores_the_archived_stage_and_trains_nothing(tmp_pat
     assert "commit" in json.load(f)
   with open(os.path.join("results", "zoo", "zoo_mqar256_step2.json")) as f:
     assert [r["run"] for r in json.load(f)["runs"]] == [r["run"] for r in before]
+  with open(os.path.join("results", "zoo", "README.md")) as f:  # the index of every archived stage table
+    index = f.read()
+  assert "## mqar256, stage 2 (1 models)" in index and f"| {before[0]['run']} |" in index
 
   shutil.rmtree("runs")
   shutil.rmtree("bench_results")
