@@ -40,11 +40,12 @@ def record_files(workdir: str) -> list[str]:
 
 
 def git_commit(path: str = ".") -> str | None:
-  """The commit checked out at `path` (with '+dirty' when tracked files differ from it), or None outside git."""
+  """The commit checked out at `path` (with '+dirty' when tracked Python files, the code and configs, differ from
+  it; the archive's own tracked records change with every stage), or None outside git."""
   try:
     run = lambda *a: subprocess.run(["git", "-C", path, *a], capture_output=True, text=True, timeout=30, check=True)
     commit = run("rev-parse", "HEAD").stdout.strip()
-    dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip())
   except (OSError, subprocess.SubprocessError):
     return None
   return commit + ("+dirty" if dirty else "")
