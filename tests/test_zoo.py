@@ -4,6 +4,7 @@ checkpoint and compared."""
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -176,3 +177,18 @@ def test_archive_copies_records_only_and_restore_keeps_the_runs_own(tmp_path):
       "result_step4.json"
   with pytest.raises(FileNotFoundError, match="no run records"):
     archive.save(str(tmp_path / "empty"), str(tmp_path / "x"))
+
+
+def test_provenance_commit_is_dirty_only_when_code_changed(tmp_path):
+  git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+  git("init", "-q")
+  (tmp_path / "model.py").write_text("x = 1\n")
+  (tmp_path / "result.json").write_text("{}")
+  git("add", ".")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+  head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+  (tmp_path / "result.json").write_text('{"step": 2}')  # a tracked record the zoo rewrote
+  assert archive.git_commit(str(tmp_path)) == head.strip()
+  (tmp_path / "model.py").write_text("x = 2\n")
+  assert archive.git_commit(str(tmp_path)) == head.strip() + "+dirty"
+  assert archive.git_commit(str(tmp_path / "nowhere")) is None
