@@ -14,16 +14,20 @@ from memarch.train import checkpoint_steps
 pytestmark = pytest.mark.timeout(300)
 
 
+def tiny_zoo_args(stages: str, lrs: str, *extra: str) -> list[str]:
+  """A zoo on MQAR small enough for a test: tiny batches, data and evaluation, generated in memory."""
+  return ["--tasks", "mqar256", "--stages", stages, "--lrs", lrs, "--lengths", "64", "--num_examples", "2",
+          "--set", "train.batch_size=2", "--set", "optim.warmup_steps=1", "--set", "eval.max_batches=1", *extra,
+          "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
+          "--set", "data.mqar.use_tfds=False"]
+
+
 def test_zoo_writes_a_table_per_stage_at_its_step_and_resumes(tmp_path, monkeypatch):
   cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
   monkeypatch.setattr(zoo, "ZOO", {"transformer": f"{cfg}:size=tiny"})
   monkeypatch.chdir(tmp_path)
   # A checkpoint every step and only the latest kept: the stage checkpoints (2, 4) must outlive step 3.
-  args = ["--tasks", "mqar256", "--stages", "2,4", "--lrs", "3e-3", "--lengths", "64", "--num_examples", "2",
-          "--set", "train.batch_size=2", "--set", "optim.warmup_steps=1", "--set", "eval.max_batches=1",
-          "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=1",
-          "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
-          "--set", "data.mqar.use_tfds=False"]
+  args = tiny_zoo_args("2,4", "3e-3", "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=1")
   zoo.main(args)
   run = os.path.join("runs", "sweep_mqar256", "transformer", "lr0.003")
   assert checkpoint_steps(run) == [2, 4]
@@ -61,10 +65,7 @@ def test_zoos_run_with_only_share_their_tables(tmp_path, monkeypatch):
   cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
   monkeypatch.setattr(zoo, "ZOO", {"a": f"{cfg}:size=tiny", "b": f"{cfg}:size=tiny,window=8"})
   monkeypatch.chdir(tmp_path)
-  args = ["--tasks", "mqar256", "--stages", "1", "--lrs", "3e-3", "--lengths", "64", "--num_examples", "2",
-          "--set", "train.batch_size=2", "--set", "optim.warmup_steps=1", "--set", "eval.max_batches=1",
-          "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
-          "--set", "data.mqar.use_tfds=False"]
+  args = tiny_zoo_args("1", "3e-3")
   zoo.main([*args, "--only", "a"])
   result = os.path.join("runs", "sweep_mqar256", "a", "lr0.003", "result_step1.json")
   mtime = os.path.getmtime(result)
@@ -114,10 +115,7 @@ def test_a_fresh_checkout_restores_the_archived_stage_and_trains_nothing(tmp_pat
   cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
   monkeypatch.setattr(zoo, "ZOO", {"transformer": f"{cfg}:size=tiny"})
   monkeypatch.chdir(tmp_path)
-  args = ["--tasks", "mqar256", "--stages", "2", "--lrs", "3e-3,1e-2", "--lengths", "64", "--num_examples", "2",
-          "--set", "train.batch_size=2", "--set", "optim.warmup_steps=1", "--set", "eval.max_batches=1",
-          "--set", "data.mqar.num_train_examples=64", "--set", "data.mqar.num_eval_examples=4",
-          "--set", "data.mqar.use_tfds=False"]
+  args = tiny_zoo_args("2", "3e-3,1e-2")
   zoo.main(args)
   kept = os.path.join("results", "zoo", "mqar256", "transformer")
   with open(os.path.join("bench_results", "zoo_mqar256_step2.json")) as f:
