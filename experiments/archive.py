@@ -14,6 +14,7 @@ the training loop resumes exactly, so this is the same run, only paid for twice)
 from __future__ import annotations
 
 import datetime
+import filecmp
 import fnmatch
 import json
 import os
@@ -52,12 +53,18 @@ def git_commit(path: str = ".") -> str | None:
 
 
 def save(workdir: str, archived: str) -> list[str]:
-  """Copies the records of run `workdir` into `archived` (replacing older copies: a run's records only grow) and
-  writes `provenance.json` there (the commit, the time). Returns the copied relative paths."""
+  """Copies the records of run `workdir` that are new or changed into `archived` (replacing older copies: a run's
+  records only grow) and, when any was, writes `provenance.json` there (the commit, the time). Returns the copied
+  relative paths: none for a run archived before and unchanged since, whose archive is left as it was (a zoo
+  re-saves every run of its table, and the history of results/ should show only what changed)."""
   files = record_files(workdir)
   if not files:
     raise FileNotFoundError(f"{workdir} holds no run records ({', '.join(RECORDS)}): nothing to archive.")
-  for rel in files:
+  changed = [rel for rel in files if not os.path.exists(os.path.join(archived, rel))
+             or not filecmp.cmp(os.path.join(workdir, rel), os.path.join(archived, rel), shallow=False)]
+  if not changed and os.path.exists(os.path.join(archived, PROVENANCE)):
+    return []
+  for rel in changed:
     os.makedirs(os.path.dirname(os.path.join(archived, rel)) or archived, exist_ok=True)
     shutil.copyfile(os.path.join(workdir, rel), os.path.join(archived, rel))
   provenance = {"commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
@@ -65,7 +72,7 @@ def save(workdir: str, archived: str) -> list[str]:
                 "from": os.path.abspath(workdir), "files": files}
   with open(os.path.join(archived, PROVENANCE), "w") as f:
     json.dump(provenance, f, indent=1)
-  return files
+  return changed
 
 
 def restore(archived: str, workdir: str) -> list[str]:

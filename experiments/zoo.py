@@ -228,13 +228,17 @@ def report_status(st: dict, out: str = os.path.join("bench_results", "zoo_status
 
 def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
   """Every model of `models` trained to `steps` on `task` (best of the lrs), its best run evaluated, compared
-  with every other available model that has finished the stage (zoos run side by side with --only share tables)."""
+  with every other available model that has finished the stage (zoos run side by side with --only share tables).
+
+  A model another zoo finishes while this one trains joins the table too, once its own zoo has evaluated it: this
+  zoo evaluates only the models it was started with (two processes must never write one run directory)."""
   lrs = [float(x) for x in args.lrs.split(",") if x]
-  models = {k: v for k, v in available().items() if k in models or stage_finished(task, k, steps, lrs)}
-  sets = [x for item in protocol_overrides(args) for x in ("--set", item)]
-  summary = sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", str(steps),
-                        "--workdir", sweep_root(task), *sets,
-                        "--configs", *[f"{k}={v}" for k, v in models.items()]])
+  started = {k: v for k, v in available().items() if k in models or stage_finished(task, k, steps, lrs)}
+  summary = stage_sweep(task, steps, started, args)
+  late = {k: v for k, v in available().items() if k not in started and stage_finished(task, k, steps, lrs)}
+  if late:  # every run of the stage is finished now: this sweep trains nothing, it only gathers the results
+    print(f"zoo {task}: {', '.join(late)} finished stage {steps} while this zoo ran", flush=True)
+    summary = stage_sweep(task, steps, {**started, **late}, args)
   runs = []
   for m in summary["models"]:
     best = next(r for r in summary["runs"] if r["label"] == m["label"] and r["lr"] == m["best_lr"])
@@ -246,6 +250,10 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
             f"evaluating step {step}", flush=True)
     lengths = evaluate.parse_lengths(args.lengths or EVAL_LENGTHS[task])
     if not evaluate.reuse(best["workdir"], step, [EVAL_TASKS[task]], lengths):
+      if m["label"] in late:
+        print(f"  {best['workdir']}: not evaluated yet (its own zoo evaluates it); left out of this table: "
+              f"`python -m experiments.zoo --tasks {task} --stages {steps} --only none` rebuilds it", flush=True)
+        continue
       evaluate.evaluate(best["workdir"], tasks=[EVAL_TASKS[task]], lengths=lengths, num_examples=args.num_examples,
                         step=step)
     runs.append(best["workdir"])
@@ -262,6 +270,15 @@ def run_task_stage(task: str, steps: int, models: dict[str, str], args) -> None:
       write_index(archived, lrs)
     print(f"zoo {task} at step {steps}: bench_results/zoo_{task}_step{steps}.md"
           + (f", archived in {archived}" if archived else ""), flush=True)
+
+
+def stage_sweep(task: str, steps: int, models: dict[str, str], args) -> dict:
+  """`experiments.sweep` of `models` over the lrs to stage `steps` (finished runs reused); its summary."""
+  sets = [x for item in protocol_overrides(args) for x in ("--set", item)]
+  return sweep.main(["--name", f"zoo_{task}", "--task", task, "--lrs", args.lrs, "--stages", str(steps),
+                     "--workdir", sweep_root(task), *sets,
+                     "--configs", *[f"{k}={v}" for k, v in models.items()]])
+
 
 def write_index(archived: str, lrs: list[float]) -> str:
   """`<archive>/README.md`: every archived stage table (task by task, stage by stage) under the protocol, so the

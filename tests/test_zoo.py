@@ -76,6 +76,31 @@ def test_zoos_run_with_only_share_their_tables(tmp_path, monkeypatch):
   assert os.path.getmtime(result) == mtime
 
 
+def test_a_model_another_zoo_finishes_meanwhile_joins_the_table(tmp_path, monkeypatch):
+  """Zoos finishing out of order: zoo A (--only a) starts, zoo B (--only b) trains and evaluates b while A trains;
+  A's table shows both, and A evaluates only a."""
+  cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
+  monkeypatch.setattr(zoo, "ZOO", {"a": f"{cfg}:size=tiny", "b": f"{cfg}:size=tiny,window=8"})
+  monkeypatch.chdir(tmp_path)
+  args = tiny_zoo_args("1", "3e-3")
+  stage_sweep, evaluate = zoo.stage_sweep, zoo.evaluate.evaluate
+  evaluated = []
+
+  def zoo_b_runs_meanwhile(task, steps, models, a):
+    if list(models) == ["a"] and not evaluated:  # zoo A's first sweep: zoo B runs to its end beside it
+      zoo.main([*args, "--only", "b"])
+      assert evaluated == ["b"]
+    return stage_sweep(task, steps, models, a)
+
+  monkeypatch.setattr(zoo, "stage_sweep", zoo_b_runs_meanwhile)
+  monkeypatch.setattr(zoo.evaluate, "evaluate",
+                      lambda workdir, **k: (evaluated.append(workdir.split(os.sep)[-2]), evaluate(workdir, **k)))
+  zoo.main([*args, "--only", "a"])
+  assert evaluated == ["b", "a"]
+  with open(os.path.join("bench_results", "zoo_mqar256_step1.json")) as f:
+    assert [r["run"] for r in json.load(f)["runs"]] == ["a/lr0.003", "b/lr0.003"]
+
+
 def test_status_counts_each_lr_and_the_hours_left(tmp_path, monkeypatch, capsys):
   """--status from the run directories alone: finished, diverged and resumable runs, evaluated stages, and the
   CPU hours left at the zoo-cost benchmark's speed."""
@@ -167,6 +192,13 @@ def test_archive_copies_records_only_and_restore_keeps_the_runs_own(tmp_path):
   assert archive.save(str(run), str(kept)) == ["config.json", "eval/results_step4.json", "metrics.jsonl",
                                                "result_step4.json"]
   assert not (kept / "checkpoints").exists() and (kept / "provenance.json").exists()
+  # Saved again unchanged: nothing copied, the provenance (its time) left as it was; a grown record is copied.
+  provenance = (kept / "provenance.json").read_text()
+  (kept / "provenance.json").write_text(provenance.replace('"saved"', '"kept"'))
+  assert archive.save(str(run), str(kept)) == [] and '"kept"' in (kept / "provenance.json").read_text()
+  (run / "metrics.jsonl").write_text("metrics.jsonl\nmore")
+  assert archive.save(str(run), str(kept)) == ["metrics.jsonl"] and '"saved"' in (kept / "provenance.json").read_text()
+  (run / "metrics.jsonl").write_text("metrics.jsonl")
   fresh = tmp_path / "fresh"
   (fresh / "eval").mkdir(parents=True)
   (fresh / "metrics.jsonl").write_text("newer")
