@@ -8,7 +8,12 @@ directory, where the sweep sees the stage as finished, `experiments.evaluate.reu
 `experiments.compare` builds its row, all without the checkpoints.
 
 A restored run has no checkpoint: a later stage trains it again from step 0 (the run is fixed by its seed, and
-the training loop resumes exactly, so this is the same run, only paid for twice).
+the training loop resumes exactly, so this is the same run, only paid for twice). A run stopped in the middle of
+a stage (the end of a working session) would lose everything since step 0 the same way, which for the slow
+models is more than a session can train; `park` copies its latest checkpoint into the archive as well (a tiny
+model's checkpoint, parameters, optimizer state and data position, is a few MB), and `restore` puts it back, so
+the run resumes from there. A parked checkpoint is dropped from the archive once the run's records have passed
+it (a later `save` of a finished stage): only unfinished work is kept, one checkpoint per run.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import filecmp
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 
 # Relative paths (glob patterns) of the records of a run directory; never its checkpoints, events or plots.
 RECORDS = ("config.json", "metrics.jsonl", "diverged.json", "result_step*.json", "eval/results_step*.json")
 PROVENANCE = "provenance.json"
+# A parked checkpoint keeps the run directory's layout (memarch.checkpoint.Checkpointer): the orbax step directory
+# and its integrity record.
+CHECKPOINTS, INTEGRITY = "checkpoints", "checkpoints.integrity"
 
 
 def record_files(workdir: str) -> list[str]:
@@ -67,6 +76,7 @@ def save(workdir: str, archived: str) -> list[str]:
   for rel in changed:
     os.makedirs(os.path.dirname(os.path.join(archived, rel)) or archived, exist_ok=True)
     shutil.copyfile(os.path.join(workdir, rel), os.path.join(archived, rel))
+  _drop_passed_checkpoint(archived)
   provenance = {"commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
                 "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "from": os.path.abspath(workdir), "files": files}
@@ -77,7 +87,8 @@ def save(workdir: str, archived: str) -> list[str]:
 
 def restore(archived: str, workdir: str) -> list[str]:
   """Copies the archived records that `workdir` lacks into it (a file the run directory has is its own, newer
-  record, and is kept). Returns the copied relative paths."""
+  record, and is kept), and the parked checkpoint when `workdir` has none at or after its step. Returns the copied
+  relative paths (a checkpoint as its step directory, e.g. "checkpoints/184")."""
   copied = []
   for rel in record_files(archived):
     dest = os.path.join(workdir, rel)
@@ -85,4 +96,75 @@ def restore(archived: str, workdir: str) -> list[str]:
       os.makedirs(os.path.dirname(dest), exist_ok=True)
       shutil.copyfile(os.path.join(archived, rel), dest)
       copied.append(rel)
+  step = parked_step(archived)
+  if step is not None and all(s < step for s in _steps(os.path.join(workdir, CHECKPOINTS))):
+    _copy_checkpoint(archived, workdir, step)
+    copied.append(os.path.join(CHECKPOINTS, str(step)))
   return copied
+
+
+def _steps(folder: str) -> list[int]:
+  """The step directories' numbers in a checkpoint folder (orbax names them by step), ascending."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+
+
+def parked_step(archived: str) -> int | None:
+  """The step of the checkpoint parked in `archived`, or None."""
+  steps = _steps(os.path.join(archived, CHECKPOINTS))
+  return steps[-1] if steps else None
+
+
+def _copy_checkpoint(src: str, dest: str, step: int) -> None:
+  """Copies checkpoint `step` (its orbax directory, and its integrity record when there is one) from run or archive
+  directory `src` to `dest`, replacing what `dest` had at that step; written beside and renamed, so that an
+  interrupted copy never leaves a partial step where orbax would list it."""
+  target = os.path.join(dest, CHECKPOINTS, str(step))
+  tmp = os.path.join(dest, CHECKPOINTS, f".{step}.partial")
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(os.path.join(src, CHECKPOINTS, str(step)), tmp)
+  shutil.rmtree(target, ignore_errors=True)
+  os.replace(tmp, target)
+  record = os.path.join(src, INTEGRITY, f"{step}.json")
+  if os.path.exists(record):
+    os.makedirs(os.path.join(dest, INTEGRITY), exist_ok=True)
+    shutil.copyfile(record, os.path.join(dest, INTEGRITY, f"{step}.json"))
+
+
+def _remove_parked(archived: str) -> None:
+  for sub in (CHECKPOINTS, INTEGRITY):
+    shutil.rmtree(os.path.join(archived, sub), ignore_errors=True)
+
+
+def _drop_passed_checkpoint(archived: str) -> None:
+  """Removes the parked checkpoint once a finished stage at or after its step is archived: the run has moved
+  past it (resuming there would train, and log, those steps twice)."""
+  step = parked_step(archived)
+  if step is None:
+    return
+  done = [int(m.group(1)) for name in os.listdir(archived) if (m := re.fullmatch(r"result_step(\d+)\.json", name))]
+  if any(d >= step for d in done) or os.path.exists(os.path.join(archived, "diverged.json")):
+    _remove_parked(archived)
+
+
+def park(workdir: str, archived: str) -> int | None:
+  """Archives the records of run `workdir` and its latest checkpoint, replacing the checkpoint parked there before,
+  so that a fresh checkout resumes the run from that step (`restore`). Returns the parked step, or None when the
+  run has no checkpoint or its latest one is a finished stage (nothing would be lost: `save` keeps the records).
+
+  Run it on a stopped run (a zoo stopped by SIGTERM or Ctrl-C saves a checkpoint first). A step orbax is still
+  writing lives in a temporary directory until it is complete, so only finished steps are seen here."""
+  steps = _steps(os.path.join(workdir, CHECKPOINTS))
+  if not steps or os.path.exists(os.path.join(workdir, "diverged.json")):
+    return None
+  step = steps[-1]
+  if os.path.exists(os.path.join(workdir, f"result_step{step}.json")):
+    return None
+  if parked_step(archived) == step:
+    return step
+  save(workdir, archived)
+  _remove_parked(archived)
+  _copy_checkpoint(workdir, archived, step)
+  return step

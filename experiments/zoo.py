@@ -4,6 +4,7 @@ r"""The model zoo on the memory benchmark suite: every tiny model, trained under
       [--lengths 1k,4k,16k] [--only transformer,gdn] [--set key=value ...]
   python -m experiments.zoo --status [--tasks ...] [--stages ...]   # how far it is, and the CPU hours left
       [--archive results/zoo]
+  python -m experiments.zoo --park [--tasks ...] [--only ...]       # keep stopped runs' progress in the archive
 
 For each training task it runs `experiments.sweep` over ZOO (every model, the learning rates, one seed; finished
 runs are reused and unfinished ones resume: the sweep skips what is done) in runs/sweep_<task>, the directory the
@@ -26,7 +27,10 @@ result, evaluations; not its checkpoints) copied into the tracked archive (--arc
 <label>/lr<lr>/, with the commit that produced them in provenance.json), and each stage's table is written there
 too (results/zoo/zoo_<task>_step<N>.{md,json,png}, all of them in results/zoo/README.md). A zoo started where runs/ is missing or partial (a fresh
 checkout) first restores the archived records whose protocol matches (experiments/archive.py), so what an earlier
-session finished is neither trained nor evaluated again. Commit results/zoo after a stage to keep it.
+session finished is neither trained nor evaluated again. Commit results/zoo after a stage to keep it. A run
+stopped in the middle of a stage keeps its progress across checkouts only when parked: stop the zoo (SIGTERM
+saves a checkpoint), then `python -m experiments.zoo --park [--tasks ...] [--only ...]` copies the latest checkpoint
+of every such run into the archive (one per run, dropped once the run finishes the stage), and commit results/zoo.
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
 experiments/sweep.py.
 
@@ -100,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--archive", default=os.path.join("results", "zoo"),
                  help="tracked directory of the finished runs' records and the stage tables ('' for none): "
                       "restored from before anything runs, added to after every stage")
+  p.add_argument("--park", action="store_true",
+                 help="train nothing: copy the latest checkpoint of every run stopped in the middle of a stage (of "
+                      "--tasks, --only, --lrs) into the archive, so that a fresh checkout resumes it there instead "
+                      "of at step 0 (stop the zoo first: SIGTERM saves a checkpoint; then commit results/)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="extra overrides for every run after PROTOCOL (a changed protocol needs its own run "
                       "directories: the sweep refuses to extend runs of another one)")
@@ -119,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
   lrs = [float(x) for x in args.lrs.split(",") if x]
   if args.archive:
     restore_archived(tasks, models, lrs, args)
+  if args.park:
+    if not args.archive:
+      raise ValueError("--park needs an --archive to park the checkpoints in.")
+    park_unfinished(tasks, list(models), lrs, args.archive)
+    return
   if args.status:
     # The speeds measured here, else those archived with the results (measured on the machine that ran them).
     costs = [os.path.join("bench_results", "zoo_cost.json"), os.path.join(args.archive or "-", "zoo_cost.json")]
@@ -147,7 +160,7 @@ def protocol_overrides(args) -> list[str]:
 def restore_archived(tasks: list[str], models: dict[str, str], lrs: list[float], args) -> None:
   """Copies into runs/ the archived records of every (task, model, lr) run that runs/ lacks, when the archived
   run's protocol is this zoo's (an archived run of another protocol is named and left: it will be retrained)."""
-  restored = 0
+  restored, resumable = 0, []
   for task in tasks:
     for label, spec in models.items():
       for lr in lrs:
@@ -159,9 +172,29 @@ def restore_archived(tasks: list[str], models: dict[str, str], lrs: list[float],
         except ValueError as e:
           print(f"zoo: not restoring {archived}: {e}", flush=True)
           continue
-        restored += bool(archive.restore(archived, sweep.run_dir(sweep_root(task), label, lr)))
+        copied = archive.restore(archived, sweep.run_dir(sweep_root(task), label, lr))
+        restored += bool(copied)
+        resumable += [f"{task}/{label}/lr{lr:g} at step {rel.split(os.sep)[-1]}" for rel in copied
+                      if rel.startswith(archive.CHECKPOINTS + os.sep)]
   if restored:
     print(f"zoo: restored the records of {restored} runs from {args.archive}", flush=True)
+  if resumable:
+    print(f"zoo: restored the parked checkpoints of {', '.join(resumable)}: they resume there", flush=True)
+
+
+def park_unfinished(tasks: list[str], labels: list[str], lrs: list[float], archived: str) -> list[str]:
+  """`archive.park` of every run of the zoo in runs/ stopped between stages; returns what was parked."""
+  parked = []
+  for task in tasks:
+    for label in labels:
+      for lr in lrs:
+        workdir = sweep.run_dir(sweep_root(task), label, lr)
+        if os.path.isdir(workdir) and (step := archive.park(workdir, sweep.run_dir(os.path.join(archived, task),
+                                                                                    label, lr))) is not None:
+          parked.append(f"{task}/{label}/lr{lr:g} at step {step}")
+  print(f"zoo: parked the checkpoints of {', '.join(parked)} in {archived}" if parked else
+        "zoo: no run stopped between stages: nothing to park", flush=True)
+  return parked
 
 
 def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[str],

@@ -183,6 +183,50 @@ def test_a_fresh_checkout_restores_the_archived_stage_and_trains_nothing(tmp_pat
   assert "not restoring" in out and "train.batch_size" in out and not os.path.exists("runs")
 
 
+def test_a_parked_run_resumes_in_a_fresh_checkout_and_is_dropped_once_finished(tmp_path, monkeypatch, capsys):
+  """A zoo stopped in the middle of a stage (here after 3 of 4 steps), parked: a fresh checkout restores the
+  checkpoint and trains only the last step; the archive drops the parked checkpoint once the stage is archived."""
+  import memarch.train
+
+  cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
+  monkeypatch.setattr(zoo, "ZOO", {"transformer": f"{cfg}:size=tiny"})
+  monkeypatch.chdir(tmp_path)
+  args = tiny_zoo_args("4", "3e-3")
+  real = memarch.train.train_and_evaluate
+  started = []
+
+  def stopped_after_3(config, workdir, **k):  # the session ends: a checkpoint at step 3, then the process is gone
+    real(config, workdir, stop_after=3)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(memarch.train, "train_and_evaluate", stopped_after_3)
+  with pytest.raises(KeyboardInterrupt):
+    zoo.main(args)
+  run = os.path.join("runs", "sweep_mqar256", "transformer", "lr0.003")
+  kept = os.path.join("results", "zoo", "mqar256", "transformer", "lr0.003")
+  assert checkpoint_steps(run)[-1] == 3 and not os.path.exists(kept)
+  zoo.main([*args, "--park"])
+  assert "parked the checkpoints of mqar256/transformer/lr0.003 at step 3" in capsys.readouterr().out
+  assert archive.parked_step(kept) == 3 and os.path.exists(os.path.join(kept, "config.json"))
+  zoo.main([*args, "--park"])  # parked already: nothing changes
+  assert archive.parked_step(kept) == 3
+
+  shutil.rmtree("runs")  # a fresh checkout
+
+  def resumed(config, workdir, **k):
+    started.append(checkpoint_steps(workdir))
+    return real(config, workdir, **k)
+
+  monkeypatch.setattr(memarch.train, "train_and_evaluate", resumed)
+  zoo.main(args)
+  assert "restored the parked checkpoints of mqar256/transformer/lr0.003 at step 3" in capsys.readouterr().out
+  assert started == [[3]]  # resumed at step 3, not 0
+  assert os.path.exists(os.path.join(kept, "result_step4.json")) and archive.parked_step(kept) is None
+  assert not os.path.exists(os.path.join(kept, archive.INTEGRITY))
+  zoo.main([*args, "--park"])  # a finished stage is never parked
+  assert "nothing to park" in capsys.readouterr().out and archive.parked_step(kept) is None
+
+
 def test_archive_copies_records_only_and_restore_keeps_the_runs_own(tmp_path):
   run, kept = tmp_path / "run", tmp_path / "kept"
   for rel in ("config.json", "metrics.jsonl", "result_step4.json", "eval/results_step4.json", "eval/results.json",
