@@ -344,6 +344,15 @@ def test_eval_batches_mqar(tmp_path):
   capped = D.create_eval_batches(c, batch_size=32, max_batches=2)
   assert [len(v) for v in capped.values()] == [2, 2]
   np.testing.assert_array_equal(capped["mqar_T64_kv4"][1]["inputs"], ev["mqar_T64_kv4"][1]["inputs"])
+  # A set smaller than the batch: rows padded only to the devices' multiple, the same examples. 3 hosts: ceil(70 /
+  # 3) = 24 rows on each (hosts 1 and 2 have 23 examples and a padding row), not 64.
+  for i in range(3):
+    trimmed = D.create_eval_batches(c, batch_size=64, process_index=i, process_count=3, row_multiple=2)
+    assert len(trimmed["mqar_T64_kv4"]) == 1 and trimmed["mqar_T64_kv4"][0]["inputs"].shape == (24, 64)
+    assert int((trimmed["mqar_T64_kv4"][0]["loss_mask"].sum(axis=1) > 0).sum()) == (24 if i == 0 else 23)
+  one = D.create_eval_batches(c, batch_size=128, row_multiple=4)["mqar_T64_kv4"][0]
+  assert one["inputs"].shape == (72, 64) and one["loss_mask"][70:].sum() == 0
+  np.testing.assert_array_equal(one["inputs"][:32], ev["mqar_T64_kv4"][0]["inputs"])
 
 
 @pytest.mark.timeout(30)

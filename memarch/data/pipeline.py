@@ -295,15 +295,19 @@ def _pad_rows(batch: dict[str, np.ndarray] | None, rows: int, pad_id: int, seq_l
 
 
 def _eval_batches(source: BatchSource, *, batch_size: int, seq_len: int, process_index: int,
-                  process_count: int, pad_id: int, max_batches: int) -> list[dict[str, np.ndarray]]:
+                  process_count: int, pad_id: int, max_batches: int, row_multiple: int = 0
+                  ) -> list[dict[str, np.ndarray]]:
   """This host's batches of a held-out set: every example once over all hosts, padded to full batches.
 
   Every host returns the same number of batches, ceil(ceil(N / P) / B) (at most max_batches if > 0),
   so a jitted multi-host eval step sees the same shapes and the same number of steps everywhere.
+  row_multiple > 0: B is first lowered to ceil(N / P) rounded up to that multiple, when that is smaller.
   """
   n = len(source)
   mine = np.arange(process_index, n, process_count)
   per_host = -(-n // process_count)
+  if row_multiple > 0:
+    batch_size = min(batch_size, -(-per_host // row_multiple) * row_multiple)
   num_batches = max(1, -(-per_host // batch_size))
   if max_batches > 0:
     num_batches = min(num_batches, max_batches)
@@ -323,6 +327,7 @@ def create_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     max_batches: int = 0,
+    row_multiple: int = 0,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
   """Held-out batches per eval set: MQAR one per eval setting ("mqar_T64_kv4", ...), passkey one per eval
   length ("passkey_T1024", ...; each set's batches have its own length), text "validation".
@@ -332,13 +337,16 @@ def create_eval_batches(
     batch_size: B, per host. process_index, process_count: this host and the number of hosts.
     max_batches: if > 0, at most this many batches per eval set and host (the first ones), so a large
       validation split is not materialized whole; 0: all of it.
+    row_multiple: if > 0, a set with fewer examples per host than B gets batches of its examples padded only to
+      a multiple of this (the local data-parallel size), not to B: 16 needles at 16k tokens are one batch of
+      16 rows, not 64 of which 48 are padding (a quarter of the eval's time and memory). 0: B rows always.
 
   Returns:
     {eval set name: [batch, ...]}, each batch a dict with BATCH_KEYS of [B, data.seq_len] arrays (passkey,
     and MQAR eval settings longer than data.seq_len: [B, that set's length]).
     Finite and deterministic: over all hosts every held-out example appears exactly once (host i takes
     examples i, i+P, ...); the last batches are filled with loss_mask-0 padding rows (pad tokens) so
-    every batch has the same shape and every host the same number of batches. Text with
+    every batch of a set has the same shape and every host the same number of batches. Text with
     data.val_fraction == 0 (and no validation split) has no eval set: returns {}.
   """
   kind, _ = _kind(data_config)
@@ -358,5 +366,5 @@ def create_eval_batches(
   # A passkey eval set has its own length (1x, 4x, 16x the training length): its padding rows take it.
   return {name: _eval_batches(src, batch_size=batch_size, seq_len=int(getattr(src, "seq_len", data_config.seq_len)),
                               process_index=process_index, process_count=process_count, pad_id=info.pad_id,
-                              max_batches=max_batches)
+                              max_batches=max_batches, row_multiple=row_multiple)
           for name, src in sources.items()}
