@@ -97,22 +97,25 @@ def restore(archived: str, workdir: str) -> list[str]:
       shutil.copyfile(os.path.join(archived, rel), dest)
       copied.append(rel)
   step = parked_step(archived)
-  if step is not None and all(s < step for s in _steps(os.path.join(workdir, CHECKPOINTS))):
+  if step is not None and all(s < step for s in checkpoint_steps(workdir)):
     _copy_checkpoint(archived, workdir, step)
     copied.append(os.path.join(CHECKPOINTS, str(step)))
   return copied
 
 
-def _steps(folder: str) -> list[int]:
-  """The step directories' numbers in a checkpoint folder (orbax names them by step), ascending."""
-  if not os.path.isdir(folder):
+def checkpoint_steps(directory: str) -> list[int]:
+  """The checkpoint steps of a run directory or of an archived run (the same layout), ascending; [] without a
+  checkpoint folder (`memarch.train.checkpoint_steps` would create one: not in the tracked archive)."""
+  if not os.path.isdir(os.path.join(directory, CHECKPOINTS)):
     return []
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+  from memarch.train import checkpoint_steps as steps  # noqa: PLC0415 - jax and orbax only when there is one
+
+  return steps(directory)
 
 
 def parked_step(archived: str) -> int | None:
   """The step of the checkpoint parked in `archived`, or None."""
-  steps = _steps(os.path.join(archived, CHECKPOINTS))
+  steps = checkpoint_steps(archived)
   return steps[-1] if steps else None
 
 
@@ -156,7 +159,7 @@ def park(workdir: str, archived: str) -> int | None:
 
   Run it on a stopped run (a zoo stopped by SIGTERM or Ctrl-C saves a checkpoint first). A step orbax is still
   writing lives in a temporary directory until it is complete, so only finished steps are seen here."""
-  steps = _steps(os.path.join(workdir, CHECKPOINTS))
+  steps = checkpoint_steps(workdir)
   if not steps or os.path.exists(os.path.join(workdir, "diverged.json")):
     return None
   step = steps[-1]

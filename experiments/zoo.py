@@ -80,9 +80,7 @@ def stage_checkpoint(workdir: str, steps: int) -> int | None:
   """The checkpoint step at which to evaluate a run at stage `steps`: that step, else the earliest after it (a
   run trained further before stage checkpoints were kept), else the latest; `steps` for a run without
   checkpoints (restored from the archive: its evaluation at the stage, if any, is the archived one)."""
-  from memarch.train import checkpoint_steps  # noqa: PLC0415
-
-  have = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+  have = archive.checkpoint_steps(workdir)
   after = [s for s in have if s >= steps]
   return min(after) if after else (max(have) if have else steps)
 
@@ -174,8 +172,8 @@ def restore_archived(tasks: list[str], models: dict[str, str], lrs: list[float],
           continue
         copied = archive.restore(archived, sweep.run_dir(sweep_root(task), label, lr))
         restored += bool(copied)
-        resumable += [f"{task}/{label}/lr{lr:g} at step {rel.split(os.sep)[-1]}" for rel in copied
-                      if rel.startswith(archive.CHECKPOINTS + os.sep)]
+        if any(rel.startswith(archive.CHECKPOINTS + os.sep) for rel in copied):
+          resumable.append(f"{task}/{label}/lr{lr:g} at step {archive.parked_step(archived)}")
   if restored:
     print(f"zoo: restored the records of {restored} runs from {args.archive}", flush=True)
   if resumable:
@@ -204,7 +202,6 @@ def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[s
   at the speeds measured by the zoo-cost benchmark (None for a model it did not measure). Stages are nested:
   a later stage's hours include the earlier ones'."""
   from experiments.benchmarks import zoo as zoo_cost  # noqa: PLC0415
-  from memarch.train import checkpoint_steps  # noqa: PLC0415
 
   speed = {}
   if os.path.exists(cost_path):
@@ -218,7 +215,7 @@ def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[s
         for lr in lrs:
           workdir = sweep.run_dir(sweep_root(task), label, lr)
           record = sweep.finished(workdir, steps)
-          have = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+          have = archive.checkpoint_steps(workdir)
           if record and os.path.basename(record) == "diverged.json":
             runs[f"{lr:g}"] = "diverged"
           elif record:
