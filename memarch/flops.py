@@ -201,8 +201,12 @@ def _check_titans(c) -> None:
 
 
 def _newton_schulz_flops(din: int, dout: int, steps: int = 5) -> float:
-  """`memarch.memory.neural.newton_schulz` on one [din, dout] matrix: per step X X^T, M M and (.) X."""
+  """`memarch.memory.neural.newton_schulz` on one [din, dout] matrix: per step X X^T, M M and (.) X; or, for a
+  matrix at least twice as wide as tall, in the Gram space (one X X^T, m x m products per step, one Q X)."""
   m, n = min(din, dout), max(din, dout)
+  if 2 * m <= n:  # the Gram-space form: per segment X X^T and Q X once, m x m products per step
+    from memarch.memory.neural import gram_segments  # noqa: PLC0415
+    return sum(2 * 2 * m * m * n + (k + 3 * (k - 1)) * 2 * m**3 for k in gram_segments(steps))
   return steps * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
 
 
@@ -212,21 +216,23 @@ def memory_chunk_flops(c, chunk_tokens: int, read: str | None = None) -> float:
   (c: the Omega rule's window; 1 for Titans) and per layer (d_in, d_out):
     momentum / gd (closed form): the forward at W_0 on the keys, the hand backward (delta W^T), the reads
       diag(beta) Z W_0 + diag(b) Z S_0 - (C * Z X^T) Delta, the end state's W and S; the coefficients C (b^3);
-    muon (every token at once): the forward and backward at W_0, each token's window gradient G_t (b e d_in
-      d_out), the momentum and weight closed forms (b^2 d_in d_out each), Newton-Schulz on every token's
-      momentum, each token's read through its own weights."""
+    muon (every token at once): the forward and backward at W_0, every token's momentum S_t straight from the
+      window's gradients (b e d_in d_out, through the [b, e] coefficients mix: 2 b^2 e), the weights' closed
+      form (b^2 d_in d_out), Newton-Schulz on every token's momentum, each token's read through its own
+      weights."""
   b = max(1, chunk_tokens)
   e = b + int(_get(c, "memory_objective_window", 1)) - 1
   read = read or _get(c, "memory_read", "after")
   opt = _get(c, "memory_optimizer", "momentum")
   shapes = _memory_mlp_shapes(c)
-  per_chunk = 0.0 if opt == "muon" else 2 * b**3  # C[t, i] = sum_j (beta_t / beta_j)(E_j / E_i) theta_i
+  # momentum/gd: C[t, i] = sum_j (beta_t / beta_j)(E_j / E_i) theta_i; muon: mix = (E_t / E_i) wgt
+  per_chunk = 2 * b * b * e if opt == "muon" else 2 * b**3
   for l, (din, dout) in enumerate(shapes):
     per_chunk += 2 * e * din * dout  # forward on the keys at W_0
     if l > 0:
       per_chunk += 2 * e * dout * din  # delta @ W^T
     if opt == "muon":
-      per_chunk += 2 * b * e * din * dout + 2 * 2 * b * b * din * dout  # G_t; S_t and W_t closed forms
+      per_chunk += 2 * b * e * din * dout + 2 * b * b * din * dout  # S_t (through mix), W_t closed forms
       per_chunk += b * _newton_schulz_flops(din, dout)
       per_chunk += 2 * b * din * dout  # reads (chunk_start: the same product with W_0)
       continue

@@ -300,8 +300,8 @@ def test_newton_schulz_band_and_conditioning():
 
 
 def test_newton_schulz_backward_equals_autodiff_and_finite_differences():
-  """The hand-written backward of the NS iterations equals autodiff of the plain loop (float64, wide, tall and
-  square inputs), and finite differences."""
+  """The hand-written backwards of the NS iterations equal autodiff of the plain loop (float64; wide and tall
+  inputs take the Gram-space form, square ones the plain form), and finite differences."""
   a, b, c = nm.NS_COEFFICIENTS
 
   def plain(x):  # the textbook loop, differentiated by JAX
@@ -315,7 +315,7 @@ def test_newton_schulz_backward_equals_autodiff_and_finite_differences():
 
   rng = np.random.default_rng(3)
   with jax.enable_x64(True):
-    for shape in [(3, 4, 9), (2, 9, 4), (5, 5)]:
+    for shape in [(3, 4, 9), (2, 9, 4), (2, 8, 32), (5, 5), (2, 6, 9)]:
       x = jnp.asarray(rng.standard_normal(shape))
       w = jnp.asarray(rng.standard_normal(shape))
       loss = lambda f: (lambda x: jnp.sum(w * jnp.tanh(f(x))))
