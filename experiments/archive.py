@@ -13,7 +13,10 @@ a stage (the end of a working session) would lose everything since step 0 the sa
 models is more than a session can train; `park` copies its latest checkpoint into the archive as well (a tiny
 model's checkpoint, parameters, optimizer state and data position, is a few MB), and `restore` puts it back, so
 the run resumes from there. A parked checkpoint is dropped from the archive once the run's records have passed
-it (a later `save` of a finished stage): only unfinished work is kept, one checkpoint per run.
+it (a later `save` of a stage finished after its step): only unfinished work is kept, one checkpoint per run.
+`park(..., finished=True)` parks a finished stage's checkpoint too, for a run that will go on to a later stage: a
+slow model's stage costs CPU hours to train again (ATLAS: about one per 250 steps and learning rate), its
+checkpoint a few MB of the archive.
 """
 
 from __future__ import annotations
@@ -142,20 +145,22 @@ def _remove_parked(archived: str) -> None:
 
 
 def _drop_passed_checkpoint(archived: str) -> None:
-  """Removes the parked checkpoint once a finished stage at or after its step is archived: the run has moved
-  past it (resuming there would train, and log, those steps twice)."""
+  """Removes the parked checkpoint once a stage finished after its step is archived: the run has moved past it
+  (resuming there would train, and log, those steps twice). A checkpoint at a finished stage's own step stays: it
+  is where the next stage resumes."""
   step = parked_step(archived)
   if step is None:
     return
   done = [int(m.group(1)) for name in os.listdir(archived) if (m := re.fullmatch(r"result_step(\d+)\.json", name))]
-  if any(d >= step for d in done) or os.path.exists(os.path.join(archived, "diverged.json")):
+  if any(d > step for d in done) or os.path.exists(os.path.join(archived, "diverged.json")):
     _remove_parked(archived)
 
 
-def park(workdir: str, archived: str) -> int | None:
+def park(workdir: str, archived: str, *, finished: bool = False) -> int | None:
   """Archives the records of run `workdir` and its latest checkpoint, replacing the checkpoint parked there before,
   so that a fresh checkout resumes the run from that step (`restore`). Returns the parked step, or None when the
-  run has no checkpoint or its latest one is a finished stage (nothing would be lost: `save` keeps the records).
+  run has no checkpoint, diverged, or its latest checkpoint is a finished stage and not `finished` (the records
+  keep that stage's results; only a later stage would train it again from step 0).
 
   Run it on a stopped run (a zoo stopped by SIGTERM or Ctrl-C saves a checkpoint first). A step orbax is still
   writing lives in a temporary directory until it is complete, so only finished steps are seen here."""
@@ -163,7 +168,7 @@ def park(workdir: str, archived: str) -> int | None:
   if not steps or os.path.exists(os.path.join(workdir, "diverged.json")):
     return None
   step = steps[-1]
-  if os.path.exists(os.path.join(workdir, f"result_step{step}.json")):
+  if not finished and os.path.exists(os.path.join(workdir, f"result_step{step}.json")):
     return None
   if parked_step(archived) == step:
     return step

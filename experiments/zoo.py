@@ -4,7 +4,7 @@ r"""The model zoo on the memory benchmark suite: every tiny model, trained under
       [--lengths 1k,4k,16k] [--only transformer,gdn] [--set key=value ...]
   python -m experiments.zoo --status [--tasks ...] [--stages ...]   # how far it is, and the CPU hours left
       [--archive results/zoo]
-  python -m experiments.zoo --park [--tasks ...] [--only ...]       # keep stopped runs' progress in the archive
+  python -m experiments.zoo --park [--finished] [--tasks ...] [--only ...]  # keep runs' progress in the archive
 
 For each training task it runs `experiments.sweep` over ZOO (every model, the learning rates, one seed; finished
 runs are reused and unfinished ones resume: the sweep skips what is done) in runs/sweep_<task>, the directory the
@@ -31,6 +31,9 @@ session finished is neither trained nor evaluated again. Commit results/zoo afte
 stopped in the middle of a stage keeps its progress across checkouts only when parked: stop the zoo (SIGTERM
 saves a checkpoint), then `python -m experiments.zoo --park [--tasks ...] [--only ...]` copies the latest checkpoint
 of every such run into the archive (one per run, dropped once the run finishes the stage), and commit results/zoo.
+With --finished it also parks the checkpoint of every run that has finished a stage before the last of --stages,
+so that the next stage resumes there instead of training from step 0 again (worth its few MB per run for the slow
+models; the stage's checkpoint is dropped from the archive once a later stage is archived).
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
 experiments/sweep.py.
 
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
                  help="train nothing: copy the latest checkpoint of every run stopped in the middle of a stage (of "
                       "--tasks, --only, --lrs) into the archive, so that a fresh checkout resumes it there instead "
                       "of at step 0 (stop the zoo first: SIGTERM saves a checkpoint; then commit results/)")
+  p.add_argument("--finished", action="store_true",
+                 help="with --park: also park each run's checkpoint at a finished stage before the last of "
+                      "--stages (a later stage then resumes there instead of at step 0)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="extra overrides for every run after PROTOCOL (a changed protocol needs its own run "
                       "directories: the sweep refuses to extend runs of another one)")
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
   if args.park:
     if not args.archive:
       raise ValueError("--park needs an --archive to park the checkpoints in.")
-    park_unfinished(tasks, list(models), lrs, args.archive)
+    park_unfinished(tasks, list(models), lrs, args.archive, finished_below=stages[-1] if args.finished else None)
     return
   if args.status:
     # The speeds measured here, else those archived with the results (measured on the machine that ran them).
@@ -180,15 +186,21 @@ def restore_archived(tasks: list[str], models: dict[str, str], lrs: list[float],
     print(f"zoo: restored the parked checkpoints of {', '.join(resumable)}: they resume there", flush=True)
 
 
-def park_unfinished(tasks: list[str], labels: list[str], lrs: list[float], archived: str) -> list[str]:
-  """`archive.park` of every run of the zoo in runs/ stopped between stages; returns what was parked."""
+def park_unfinished(tasks: list[str], labels: list[str], lrs: list[float], archived: str,
+                    finished_below: int | None = None) -> list[str]:
+  """`archive.park` of every run of the zoo in runs/ stopped between stages, and with `finished_below` of every
+  run whose latest checkpoint is a finished stage before that step; returns what was parked."""
   parked = []
   for task in tasks:
     for label in labels:
       for lr in lrs:
         workdir = sweep.run_dir(sweep_root(task), label, lr)
-        if os.path.isdir(workdir) and (step := archive.park(workdir, sweep.run_dir(os.path.join(archived, task),
-                                                                                    label, lr))) is not None:
+        if not os.path.isdir(workdir):
+          continue
+        latest = max(archive.checkpoint_steps(workdir), default=0)
+        finished = finished_below is not None and latest < finished_below
+        step = archive.park(workdir, sweep.run_dir(os.path.join(archived, task), label, lr), finished=finished)
+        if step is not None:
           parked.append(f"{task}/{label}/lr{lr:g} at step {step}")
   print(f"zoo: parked the checkpoints of {', '.join(parked)} in {archived}" if parked else
         "zoo: no run stopped between stages: nothing to park", flush=True)

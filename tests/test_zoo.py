@@ -185,7 +185,8 @@ def test_a_fresh_checkout_restores_the_archived_stage_and_trains_nothing(tmp_pat
 
 def test_a_parked_run_resumes_in_a_fresh_checkout_and_is_dropped_once_finished(tmp_path, monkeypatch, capsys):
   """A zoo stopped in the middle of a stage (here after 3 of 4 steps), parked: a fresh checkout restores the
-  checkpoint and trains only the last step; the archive drops the parked checkpoint once the stage is archived."""
+  checkpoint and trains only the last step; the archive drops the parked checkpoint once the stage is archived.
+  `--park --finished` keeps a finished stage's checkpoint for the next stage."""
   import memarch.train
 
   cfg = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "transformer.py"))
@@ -223,8 +224,25 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_and_is_dropped_once_finished(t
   assert started == [[3]]  # resumed at step 3, not 0
   assert os.path.exists(os.path.join(kept, "result_step4.json")) and archive.parked_step(kept) is None
   assert not os.path.exists(os.path.join(kept, archive.INTEGRITY))
-  zoo.main([*args, "--park"])  # a finished stage is never parked
+  zoo.main([*args, "--park"])  # a finished stage is not parked by default
   assert "nothing to park" in capsys.readouterr().out and archive.parked_step(kept) is None
+  zoo.main([*args, "--park", "--finished"])  # nor with --finished when it is the last stage
+  assert "nothing to park" in capsys.readouterr().out and archive.parked_step(kept) is None
+
+  # With a later stage to go, --finished parks the finished stage's checkpoint: re-archiving the stage keeps it,
+  # a fresh checkout resumes the next stage there, and it is dropped once that stage is archived.
+  later = [*args, "--stages", "4,6"]
+  zoo.main([*later, "--park", "--finished"])
+  assert "parked the checkpoints of mqar256/transformer/lr0.003 at step 4" in capsys.readouterr().out
+  assert archive.parked_step(kept) == 4
+  archive.save(run, kept)
+  assert archive.parked_step(kept) == 4
+  shutil.rmtree("runs")
+  started.clear()
+  zoo.main(later)
+  assert "restored the parked checkpoints of mqar256/transformer/lr0.003 at step 4" in capsys.readouterr().out
+  assert started == [[4]]  # stage 6 resumed at step 4, not trained again from step 0
+  assert os.path.exists(os.path.join(kept, "result_step6.json")) and archive.parked_step(kept) is None
 
 
 def test_archive_copies_records_only_and_restore_keeps_the_runs_own(tmp_path):
