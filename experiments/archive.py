@@ -170,9 +170,9 @@ def park(workdir: str, archived: str, *, finished: bool = False) -> int | None:
   step = steps[-1]
   if not finished and os.path.exists(os.path.join(workdir, f"result_step{step}.json")):
     return None
+  save(workdir, archived)  # the records even when the step is parked already (e.g. its evaluation finished since)
   if parked_step(archived) == step:
     return step
-  save(workdir, archived)
   _remove_parked(archived)
   _copy_checkpoint(workdir, archived, step)
   return step

@@ -211,6 +211,11 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_and_is_dropped_once_finished(t
   assert archive.parked_step(kept) == 3 and os.path.exists(os.path.join(kept, "config.json"))
   zoo.main([*args, "--park"])  # parked already: nothing changes
   assert archive.parked_step(kept) == 3
+  with open(os.path.join(run, "metrics.jsonl"), "a") as f:  # a record written since (e.g. an evaluation's)
+    f.write('{"step": 3, "split": "eval"}\n')
+  zoo.main([*args, "--park"])  # the same step parked again: the new records are archived all the same
+  with open(os.path.join(run, "metrics.jsonl")) as f, open(os.path.join(kept, "metrics.jsonl")) as g:
+    assert f.read() == g.read()
 
   shutil.rmtree("runs")  # a fresh checkout
 
