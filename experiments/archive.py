@@ -14,9 +14,9 @@ models is more than a session can train; `park` copies its latest checkpoint int
 model's checkpoint, parameters, optimizer state and data position, is a few MB), and `restore` puts it back, so
 the run resumes from there. A parked checkpoint is dropped from the archive once the run's records have passed
 it (a later `save` of a stage finished after its step): only unfinished work is kept, one checkpoint per run.
-`park(..., finished=True)` parks a finished stage's checkpoint too, for a run that will go on to a later stage: a
-slow model's stage costs CPU hours to train again (ATLAS: about one per 250 steps and learning rate), its
-checkpoint a few MB of the archive.
+`park(..., finished_below=N)` parks a finished stage's checkpoint before step N too, for a run that will go on to
+a later stage: a slow model's stage costs CPU hours to train again (ATLAS: about one per 250 steps and learning
+rate), its checkpoint a few MB of the archive.
 """
 
 from __future__ import annotations
@@ -156,11 +156,12 @@ def _drop_passed_checkpoint(archived: str) -> None:
     _remove_parked(archived)
 
 
-def park(workdir: str, archived: str, *, finished: bool = False) -> int | None:
+def park(workdir: str, archived: str, *, finished_below: int | None = None) -> int | None:
   """Archives the records of run `workdir` and its latest checkpoint, replacing the checkpoint parked there before,
   so that a fresh checkout resumes the run from that step (`restore`). Returns the parked step, or None when the
-  run has no checkpoint, diverged, or its latest checkpoint is a finished stage and not `finished` (the records
-  keep that stage's results; only a later stage would train it again from step 0).
+  run has no checkpoint, diverged, or its latest checkpoint is a finished stage not before `finished_below` (None:
+  no finished stage is parked; the records keep that stage's results, only a later stage would train it again
+  from step 0).
 
   Run it on a stopped run (a zoo stopped by SIGTERM or Ctrl-C saves a checkpoint first). A step orbax is still
   writing lives in a temporary directory until it is complete, so only finished steps are seen here."""
@@ -168,7 +169,8 @@ def park(workdir: str, archived: str, *, finished: bool = False) -> int | None:
   if not steps or os.path.exists(os.path.join(workdir, "diverged.json")):
     return None
   step = steps[-1]
-  if not finished and os.path.exists(os.path.join(workdir, f"result_step{step}.json")):
+  goes_on = finished_below is not None and step < finished_below
+  if not goes_on and os.path.exists(os.path.join(workdir, f"result_step{step}.json")):
     return None
   save(workdir, archived)  # the records even when the step is parked already (e.g. its evaluation finished since)
   if parked_step(archived) == step:

@@ -37,7 +37,8 @@ models; the stage's checkpoint is dropped from the archive once a later stage is
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
 experiments/sweep.py.
 
-This is a thin driver: it has not been run to completion here (to 2000 steps, over 120 CPU hours of training alone: results/zoo/zoo_cost.json).
+This is a thin driver: it has not been run to completion here (to 2000 steps, about 100 CPU hours of training alone
+from step 0 at the speeds of results/zoo/zoo_cost.json).
 """
 
 from __future__ import annotations
@@ -195,12 +196,8 @@ def park_unfinished(tasks: list[str], labels: list[str], lrs: list[float], archi
     for label in labels:
       for lr in lrs:
         workdir = sweep.run_dir(sweep_root(task), label, lr)
-        if not os.path.isdir(workdir):
-          continue
-        latest = max(archive.checkpoint_steps(workdir), default=0)
-        finished = finished_below is not None and latest < finished_below
-        step = archive.park(workdir, sweep.run_dir(os.path.join(archived, task), label, lr), finished=finished)
-        if step is not None:
+        kept = sweep.run_dir(os.path.join(archived, task), label, lr)
+        if os.path.isdir(workdir) and (step := archive.park(workdir, kept, finished_below=finished_below)) is not None:
           parked.append(f"{task}/{label}/lr{lr:g} at step {step}")
   print(f"zoo: parked the checkpoints of {', '.join(parked)} in {archived}" if parked else
         "zoo: no run stopped between stages: nothing to park", flush=True)

@@ -204,8 +204,9 @@ def _newton_schulz_flops(din: int, dout: int, steps: int = 5) -> float:
   """`memarch.memory.neural.newton_schulz` on one [din, dout] matrix: per step X X^T, M M and (.) X; or, for a
   matrix at least twice as wide as tall, in the Gram space (one X X^T, m x m products per step, one Q X)."""
   m, n = min(din, dout), max(din, dout)
-  if 2 * m <= n:  # the Gram-space form: per segment X X^T and Q X once, m x m products per step
-    from memarch.memory.neural import gram_segments  # noqa: PLC0415
+  from memarch.memory.neural import gram_segments, uses_gram_space  # noqa: PLC0415
+
+  if uses_gram_space(m, n):  # per segment X X^T and Q X once, m x m products per step
     return sum(2 * 2 * m * m * n + (k + 3 * (k - 1)) * 2 * m**3 for k in gram_segments(steps))
   return steps * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
 

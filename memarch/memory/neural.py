@@ -665,7 +665,7 @@ def newton_schulz(x: jax.Array, steps: int = NS_STEPS, eps: float = 1e-7) -> jax
   x = x / (jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=(-2, -1), keepdims=True), 1e-30)) + eps)
   # Same iterations, two orders of evaluation: in the m x m Gram space when x is at least twice as wide as it
   # is tall (the memory's [d, 4d] layers; fewer FLOPs), on x itself otherwise (square: fewer FLOPs there).
-  if 2 * x.shape[-2] <= x.shape[-1]:
+  if uses_gram_space(*x.shape[-2:]):
     for k in gram_segments(steps):
       x = _ns_gram_iterations(x, k)
   else:
@@ -744,12 +744,18 @@ _ns_iterations.defvjp(_ns_iterations_fwd, _ns_iterations_bwd)
 GRAM_RESTART = 2
 
 
+def uses_gram_space(m: int, n: int) -> bool:
+  """Whether `newton_schulz` runs a wide m x n matrix (m <= n) in the Gram space: at least twice as wide as tall."""
+  return 2 * m <= n
+
+
 def gram_segments(steps: int) -> tuple[int, ...]:
   """How the NS steps split into Gram spaces: GRAM_RESTART steps, then the rest (e.g. 5 -> (2, 3))."""
   return (steps,) if steps <= GRAM_RESTART else (GRAM_RESTART, steps - GRAM_RESTART)
 
 
-def _ns_gram_forward(x: jax.Array, steps: int):
+def _ns_gram_fwd(x: jax.Array, steps: int):
+  """The Gram-space iterations' output and what their backward needs: X_0, Q_K and each step's (A_k, q_k, Q_k)."""
   a, b, c = NS_COEFFICIENTS
   m = _gram(x)
   eye = jnp.eye(x.shape[-2], dtype=x.dtype)
@@ -773,11 +779,7 @@ def _ns_gram_iterations(x: jax.Array, steps: int) -> jax.Array:
       Q_{k+1} = q Q_k:            dq += dQ_{k+1} Q_k;  dQ_k = q dQ_{k+1}
       q = a I + b A_k + c A_k^2:  dA_k += b dq + c (dq A_k + A_k dq)
   and dX_0 = Q_K G + (dA_0 + dA_0^T) X_0."""
-  return _ns_gram_forward(x, steps)[0]
-
-
-def _ns_gram_fwd(x, steps):
-  return _ns_gram_forward(x, steps)
+  return _ns_gram_fwd(x, steps)[0]
 
 
 def _ns_gram_bwd(steps, res, g):
