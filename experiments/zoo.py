@@ -33,7 +33,8 @@ saves a checkpoint), then `python -m experiments.zoo --park [--tasks ...] [--onl
 of every such run into the archive (one per run, dropped once the run finishes the stage), and commit results/zoo.
 With --finished it also parks the checkpoint of every run that has finished a stage before the last of --stages,
 so that the next stage resumes there instead of training from step 0 again (worth its few MB per run for the slow
-models; the stage's checkpoint is dropped from the archive once a later stage is archived).
+models; the stage's checkpoint is dropped from the archive once a later stage is archived), and of every run that
+has finished the last stage while its model's evaluation of that stage is still to come (it needs the checkpoint).
 Tasks: mqar256 (the Zoology MQAR mixture), passkey1k and niah1k (trained at 1k, evaluated to 16k); see
 experiments/sweep.py.
 
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                       "of at step 0 (stop the zoo first: SIGTERM saves a checkpoint; then commit results/)")
   p.add_argument("--finished", action="store_true",
                  help="with --park: also park each run's checkpoint at a finished stage before the last of "
-                      "--stages (a later stage then resumes there instead of at step 0)")
+                      "--stages (a later stage then resumes there instead of at step 0), and at the last stage "
+                      "while the model is not evaluated there yet")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="extra overrides for every run after PROTOCOL (a changed protocol needs its own run "
                       "directories: the sweep refuses to extend runs of another one)")
@@ -187,17 +189,34 @@ def restore_archived(tasks: list[str], models: dict[str, str], lrs: list[float],
     print(f"zoo: restored the parked checkpoints of {', '.join(resumable)}: they resume there", flush=True)
 
 
+def stage_evaluated(task: str, label: str, steps: int, lrs: list[float]) -> bool:
+  """Whether `label`'s stage `steps` on `task` was evaluated: the zoo evaluates the best lr's run, so any
+  finished run with an evaluation at the stage's checkpoint means it was."""
+  for lr in lrs:
+    run = sweep.run_dir(sweep_root(task), label, lr)
+    record = sweep.finished(run, steps)
+    if (record and os.path.basename(record) != "diverged.json"
+        and evaluate.covering(run, stage_checkpoint(run, steps), [EVAL_TASKS[task]])):
+      return True
+  return False
+
+
 def park_unfinished(tasks: list[str], labels: list[str], lrs: list[float], archived: str,
                     finished_below: int | None = None) -> list[str]:
-  """`archive.park` of every run of the zoo in runs/ stopped between stages, and with `finished_below` of every
-  run whose latest checkpoint is a finished stage before that step; returns what was parked."""
+  """`archive.park` of every run of the zoo in runs/ stopped between stages, and with `finished_below` (the last
+  stage of the zoo) of every run whose latest checkpoint is a finished stage before that step, or at that step
+  while the model's stage is not evaluated yet (the evaluation needs the checkpoint: without it a fresh checkout
+  would train the whole stage again to evaluate it); returns what was parked."""
   parked = []
   for task in tasks:
     for label in labels:
+      below = finished_below
+      if finished_below is not None and not stage_evaluated(task, label, finished_below, lrs):
+        below = finished_below + 1
       for lr in lrs:
         workdir = sweep.run_dir(sweep_root(task), label, lr)
         kept = sweep.run_dir(os.path.join(archived, task), label, lr)
-        if os.path.isdir(workdir) and (step := archive.park(workdir, kept, finished_below=finished_below)) is not None:
+        if os.path.isdir(workdir) and (step := archive.park(workdir, kept, finished_below=below)) is not None:
           parked.append(f"{task}/{label}/lr{lr:g} at step {step}")
   print(f"zoo: parked the checkpoints of {', '.join(parked)} in {archived}" if parked else
         "zoo: no run stopped between stages: nothing to park", flush=True)
@@ -234,10 +253,7 @@ def status(tasks: list[str], stages: list[int], lrs: list[float], labels: list[s
             runs[f"{lr:g}"] = f"at {at}"
             left += max(steps - at, 0)
         trained = all(v in ("done", "diverged") for v in runs.values())
-        # The zoo evaluates the best lr's run; any evaluated run of a trained model means the stage was.
-        evaluated = trained and any(
-            runs[f"{lr:g}"] == "done" and evaluate.covering(run, stage_checkpoint(run, steps), [EVAL_TASKS[task]])
-            for lr in lrs for run in [sweep.run_dir(sweep_root(task), label, lr)])
+        evaluated = trained and stage_evaluated(task, label, steps, lrs)
         cost = speed.get((task, label))
         hours = zoo_cost.cpu_hours(cost, left) if cost else None
         rows.append({"task": task, "stage": steps, "model": label, "runs": runs, "trained": trained,

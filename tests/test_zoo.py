@@ -231,8 +231,29 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_and_is_dropped_once_finished(t
   assert not os.path.exists(os.path.join(kept, archive.INTEGRITY))
   zoo.main([*args, "--park"])  # a finished stage is not parked by default
   assert "nothing to park" in capsys.readouterr().out and archive.parked_step(kept) is None
-  zoo.main([*args, "--park", "--finished"])  # nor with --finished when it is the last stage
+  zoo.main([*args, "--park", "--finished"])  # nor with --finished when it is the last stage, evaluated
   assert "nothing to park" in capsys.readouterr().out and archive.parked_step(kept) is None
+
+  # Trained to the last stage but stopped before its evaluation: --finished parks that checkpoint (the evaluation
+  # needs it), and a fresh checkout evaluates the stage there without training it again.
+  for d in (run, kept):
+    shutil.rmtree(os.path.join(d, "eval"))
+  zoo.main([*args, "--park"])
+  assert "nothing to park" in capsys.readouterr().out
+  zoo.main([*args, "--park", "--finished"])
+  assert "parked the checkpoints of mqar256/transformer/lr0.003 at step 4" in capsys.readouterr().out
+  assert archive.parked_step(kept) == 4
+  shutil.rmtree("runs")
+
+  def refuse(*a, **k):
+    raise AssertionError("a finished stage was trained again")
+
+  monkeypatch.setattr(memarch.train, "train_and_evaluate", refuse)
+  zoo.main(args)
+  assert "restored the parked checkpoints of mqar256/transformer/lr0.003 at step 4" in capsys.readouterr().out
+  assert os.path.exists(os.path.join(kept, "eval", "results_step4.json"))
+  assert zoo.stage_evaluated("mqar256", "transformer", 4, [3e-3])
+  monkeypatch.setattr(memarch.train, "train_and_evaluate", resumed)
 
   # With a later stage to go, --finished parks the finished stage's checkpoint: re-archiving the stage keeps it,
   # a fresh checkout resumes the next stage there, and it is dropped once that stage is archived.
