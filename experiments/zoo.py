@@ -82,9 +82,12 @@ def available() -> dict[str, str]:
 
 
 def stage_checkpoint(workdir: str, steps: int) -> int | None:
-  """The checkpoint step at which to evaluate a run at stage `steps`: that step, else the earliest after it (a
-  run trained further before stage checkpoints were kept), else the latest; `steps` for a run without
-  checkpoints (restored from the archive: its evaluation at the stage, if any, is the archived one)."""
+  """The checkpoint step at which to evaluate a run at stage `steps`: that step when the run has its checkpoint or
+  its kept evaluation (a run trained past the stage since, whose stage checkpoint was not kept, or restored from
+  the archive without checkpoints), else the earliest checkpoint after it (a run trained further before stage
+  checkpoints were kept), else the latest."""
+  if os.path.exists(evaluate.kept_path(workdir, steps)):
+    return steps
   have = archive.checkpoint_steps(workdir)
   after = [s for s in have if s >= steps]
   return min(after) if after else (max(have) if have else steps)

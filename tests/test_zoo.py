@@ -57,6 +57,11 @@ def test_stage_checkpoint_falls_back_to_the_earliest_after_the_stage(tmp_path, m
   assert zoo.stage_checkpoint(run, 2000) == 1000
   # A run restored from the archive has no checkpoints: its stage's own step (where its evaluation was kept).
   assert zoo.stage_checkpoint(str(tmp_path / "restored"), 250) == 250
+  # Trained past a stage evaluated before (its checkpoint gone): the stage is its kept evaluation's step, so a
+  # zoo re-run over every stage reuses it instead of evaluating a later checkpoint as that stage.
+  (tmp_path / "run" / "eval").mkdir()
+  (tmp_path / "run" / "eval" / "results_step250.json").write_text("{}")
+  assert zoo.stage_checkpoint(run, 250) == 250 and zoo.stage_checkpoint(run, 500) == 900
 
 
 def test_zoos_run_with_only_share_their_tables(tmp_path, monkeypatch):
