@@ -287,7 +287,10 @@ def plot(summary: dict[str, Any], out: str) -> str:
   width = 0.8 / max(1, len(models))
   for i, m in enumerate(models):
     xs = np.arange(len(sets)) + i * width
-    axes[0].bar(xs, [m["accuracy"].get(s, np.nan) for s in sets], width, label=f"{m['label']} (lr {m['best_lr']:g})")
+    # A model whose every lr diverged has no accuracy (None): an empty bar, said in its label.
+    heights = [np.nan if m["accuracy"].get(s) is None else m["accuracy"][s] for s in sets]
+    label = f"{m['label']} (every lr diverged)" if m.get("diverged") else f"{m['label']} (lr {m['best_lr']:g})"
+    axes[0].bar(xs, heights, width, label=label)
   axes[0].set_xticks(np.arange(len(sets)) + 0.4 - width / 2, sets, fontsize=8)
   axes[0].set_ylabel("eval token accuracy")
   axes[0].set_ylim(0, 1)
@@ -379,6 +382,7 @@ def run_stage(args, specs, configs, root: str, steps: int, lrs: list[float]) -> 
     n_params, n_state = model_sizes(config)
     models.append({
         "label": label, "config": spec, "best_lr": best["lr"], "selected_by": selected_by,
+        "diverged": all(r["diverged"] for r in mine),
         "score": mean_metric(best["eval"], selected_by), "mean_accuracy": best["mean_accuracy"],
         "mean_exact": best["mean_exact"], "accuracy": {s: best["eval"].get(f"{s}/accuracy") for s in eval_sets},
         "exact": {s: best["eval"].get(f"{s}/exact") for s in eval_sets},

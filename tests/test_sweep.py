@@ -134,3 +134,22 @@ def test_best_lr_is_chosen_by_the_task_metric():
   assert sweep.best_run(old, "exact") == (old[0], "accuracy")
   tied = [_run(1e-3, 0.2, 0.0), _run(3e-3, 0.3, 0.0), _run(1e-2, 0.1, 0.0)]
   assert sweep.best_run(tied, "exact") == (tied[1], "exact")  # no lr answers yet: the best token accuracy
+
+
+def test_report_of_a_model_whose_every_lr_diverged(tmp_path):
+  """Such a model (MAG on MQAR at 2000 steps) has no accuracy: the table shows nan, the plot an empty bar."""
+  def model(label, acc, diverged=False):
+    return {"label": label, "config": label, "best_lr": 1e-3, "selected_by": "accuracy", "diverged": diverged,
+            "score": float("nan") if diverged else acc, "mean_accuracy": float("nan") if diverged else acc,
+            "mean_exact": float("nan"), "accuracy": {"a": None if diverged else acc}, "exact": {"a": None},
+            "all_lrs": {"0.001": float("nan") if diverged else acc}, "tokens_per_sec": 1.0, "state_bytes": 64,
+            "params": 10}
+
+  summary = {"name": "t", "protocol": {"task": "mqar256", "steps": 4, "batch_size": 2, "seq_len": 8, "seed": 0,
+                                       "lrs": [1e-3], "overrides": []},
+             "eval_sets": ["a"], "models": [model("ok", 0.5), model("mag", None, diverged=True)], "runs": []}
+  out = tmp_path / "sweep.json"
+  sweep.report(summary, str(out))
+  assert (tmp_path / "sweep.png").stat().st_size > 0
+  with open(out) as f:
+    assert [m["diverged"] for m in json.load(f)["models"]] == [False, True]
