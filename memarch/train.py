@@ -249,8 +249,9 @@ class NonfiniteGuard:
           f"{self.streak} training steps in a row had a non-finite loss or gradient (steps {self.first}..{step}; "
           f"at step {step}: loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}). None of them was applied. "
           f"Step {step} trained on batch {step - 1} of the data order, saved to {path}. The last good checkpoint "
-          f"is step {self.checkpointer.latest_step()}. Lower optim.lr, check the data, or raise "
-          f"train.max_nonfinite_steps (now {self.limit})."
+          f"is step {self.checkpointer.latest_step()}. `python -m experiments.nonfinite {self.workdir}` replays "
+          f"that batch there and names the first module whose output is non-finite. Lower optim.lr, check the "
+          f"data, or raise train.max_nonfinite_steps (now {self.limit})."
       )
 
   def after_dispatch(self, step: int, batch, metrics) -> None:

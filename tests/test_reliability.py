@@ -197,6 +197,12 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_step_and_batch(tmp_path, m
   saved = np.load(os.path.join(workdir, "nonfinite_batch_step7.npz"))
   assert np.isinf(saved["loss_mask"]).all()
   assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).latest_step() == 4
+  # The tool the error names replays that batch at step 4: the model's outputs are finite, the loss is not.
+  assert f"python -m experiments.nonfinite {workdir}" in str(e.value)
+  from experiments import nonfinite
+
+  replay = nonfinite.main([workdir])
+  assert replay["step"] == 4 and replay["first"] is None and not np.isfinite(replay["loss"])
 
 
 def test_out_of_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
