@@ -36,7 +36,11 @@ gave nan losses at outer learning rates >= 3e-3. Two knobs keep the step bounded
   unchanged); it bounds the momentum's amplification 1 / (1 - eta) to 1 whatever eta the model learns, so
   a chunk moves the weights by at most b * theta_max gradients.
 With chunk 1 (the exact recurrence) a depth-1 memory's step is the delta rule with beta = 2 theta, stable
-for theta <= 0.5 with unit keys.
+for theta <= 0.5 with unit keys. These bounds hold at the start of training, not for every weight the outer
+optimizer reaches: in the zoo (mqar256, tiny MAG, chunk 16, theta_max 0.02, outer lr 1e-3) a batch at step ~1900
+made one head's memory reads non-finite from position 192 on, where chunks of 8, 4, 2 and 1 gave a finite loss
+(4.51) with the same parameters on the same batch (`python -m experiments.nonfinite` finds such a place). A
+model that diverges late this way wants a smaller memory_chunk_size (or theta_max), at the chunked form's cost.
 
 Config keys (model section): embed_dim, num_heads, head_dim (0: embed_dim // num_heads), conv_width,
 memory_depth, memory_expansion, memory_activation ("silu" | "gelu"), memory_residual (M(x) = x + MLP(x)),
