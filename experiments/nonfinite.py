@@ -35,8 +35,8 @@ def module_outputs(model, params, batch: dict[str, Any]) -> tuple[jax.Array, lis
   """The logits of `model` on `batch` and, for every captured module output in call order, a row: module (path),
   shape, nonfinite (count), first_bad_position (the first index on axis 1 with a non-finite value, or None),
   absmax (largest finite magnitude)."""
-  logits, state = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                              positions=batch.get("positions"), capture_intermediates=True)
+  logits, state = model.apply({"params": params}, batch["inputs"], **train._model_inputs(batch),
+                              capture_intermediates=True)
   rows = []
   for path, value in traverse_util.flatten_dict(state["intermediates"]).items():
     for i, x in enumerate(jax.tree.leaves(value)):
